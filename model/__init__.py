@@ -1,0 +1,1 @@
+"""The network, its DeepSpeed training loop and generation. Never imports Prefect."""

@@ -1,0 +1,1 @@
+"""One Prefect task per pipeline stage, each a thin wrapper over plain functions."""

@@ -1,0 +1,175 @@
+"""The typed config tree: one YAML file in configs/, one pydantic model per stage.
+
+Unknown keys fail at load time (extra="forbid"), naming the key and the file; a flow
+hands each task only its own slice.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.config import PRESETS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CrawlConfig(Section):
+    seeds: list[str] = Field(min_length=1, description="start URLs; '{serve}' is replaced by serve_dir's address")
+    serve_dir: str | None = Field(None, description="a local folder to serve on 127.0.0.1 while crawling (demo, tests)")
+    path_prefixes: list[str] = Field(default_factory=list, description="in-scope path prefixes; default: each seed's folder")
+    max_depth: int = Field(3, ge=0)
+    max_pages: int = Field(200, ge=1)
+    delay_s: float = Field(1.0, ge=0, description="pause between two requests to the same host")
+    timeout_s: float = Field(15.0, gt=0)
+    retries: int = Field(3, ge=0, description="retries on connection errors, timeouts, 429 and 5xx")
+    backoff_s: float = Field(0.5, ge=0)
+    max_body_bytes: int = Field(20 * 2**20, ge=1024)
+    user_agent: str = "forja/0.1 (+https://github.com/forja-llm/forja)"
+    licence: str = Field("", description="licence or source note stored with every document")
+
+
+class DedupeConfig(Section):
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity above which two documents are duplicates")
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1, description="words per shingle")
+    seed: int = 1
+
+
+class NormalizeConfig(Section):
+    languages: list[str] = Field(default_factory=lambda: ["pt"], min_length=1)
+    min_lang_confidence: float = Field(0.8, ge=0, le=1)
+    min_chars: int = Field(200, ge=0)
+    lang_seed: int = 0
+
+
+class TokenizeConfig(Section):
+    vocab_size: int = Field(4096, ge=300, le=2**20)
+    min_frequency: int = Field(2, ge=1)
+    seq_len: int = Field(256, ge=8, description="tokens per training sequence (the model's context)")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    shard_rows: int = Field(8192, ge=1)
+    seed: int = 0
+
+
+class PretrainConfig(Section):
+    preset: str = "tiny"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    n_embd: int | None = None
+    max_steps: int = Field(300, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 1337
+    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"pretrain.preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"pretrain.warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        return self
+
+
+class EvaluateConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["O Linux é"])
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    top_k: int = Field(50, ge=0)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+
+class RegisterConfig(Section):
+    model_name: str = Field("forja-model", min_length=1)
+    experiment: str = "forja"
+    gate_metric: str = "val_loss"
+    gate_direction: Literal["lower", "higher"] = "lower"
+
+
+# `register` is a stage name; shadowing ABCMeta.register on a data model is harmless.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class ForjaConfig(Section):
+    name: str = "forja"
+    crawl: CrawlConfig
+    dedupe: DedupeConfig = DedupeConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.evaluate.max_new_tokens >= self.tokenize.seq_len:
+            raise ValueError(
+                f"evaluate.max_new_tokens ({self.evaluate.max_new_tokens}) must be < tokenize.seq_len "
+                f"({self.tokenize.seq_len}), the model's context"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says what to change."""
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ForjaConfig:
+    """Read a YAML config, apply --set overrides and validate it into a ForjaConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for o in overrides:
+        apply_override(tree, o)
+    try:
+        return ForjaConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        section: type[BaseModel] = ForjaConfig
+        for part in err["loc"][:-1]:
+            section = section.model_fields[part].annotation
+        return f"unknown key '{key}' (valid keys here: {', '.join(section.model_fields)})"
+    return f"{key}: {err['msg']}"

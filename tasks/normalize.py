@@ -1,0 +1,104 @@
+"""normalize: repair and clean text, detect language, drop what should not be trained on.
+
+Each document is kept, or dropped with a reason; rejected.parquet holds the dropped
+ones with their reason so nothing disappears silently.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import ftfy
+import pyarrow as pa
+import pyarrow.parquet as pq
+from langdetect import DetectorFactory, detect_langs
+from langdetect.lang_detect_exception import LangDetectException
+from prefect import task
+
+from tasks import stage
+from tasks.config import NormalizeConfig
+from tasks.reports import publish_counts
+
+log = logging.getLogger("forja.normalize")
+
+# A line made only of bracketed navigation links, e.g. "[ anterior ] [ Conteúdo ] [ 1 ]".
+_NAV_LINE = re.compile(r"^\s*(\[[^\]\n]{1,40}\]\s*){2,}$")
+_SPACES = re.compile(r"[^\S\n]+")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+class EmptyCorpusError(ValueError):
+    """Every document was dropped; the message gives the counts by reason."""
+
+
+def clean(text: str) -> str:
+    """ftfy repair, Unicode NFC, navigation lines removed, whitespace collapsed."""
+    text = unicodedata.normalize("NFC", ftfy.fix_text(text))
+    lines = [_SPACES.sub(" ", ln).strip() for ln in text.splitlines()]
+    text = "\n".join(ln for ln in lines if not _NAV_LINE.match(ln))
+    return _BLANKS.sub("\n\n", text).strip()
+
+
+def language(text: str, seed: int) -> tuple[str, float]:
+    """Most probable language and its probability; deterministic for a given seed."""
+    DetectorFactory.seed = seed  # langdetect samples randomly unless seeded
+    try:
+        best = detect_langs(text[:5000])[0]
+    except LangDetectException:
+        return "unknown", 0.0
+    return best.lang, float(best.prob)
+
+
+def judge(text: str, cfg: NormalizeConfig) -> tuple[str | None, str, float]:
+    """(drop reason or None, language, confidence) for an already cleaned text."""
+    if len(text) < cfg.min_chars:
+        return "too_short", "", 0.0
+    lang, prob = language(text, cfg.lang_seed)
+    if lang not in cfg.languages:
+        return "language", lang, prob
+    if prob < cfg.min_lang_confidence:
+        return "low_language_confidence", lang, prob
+    return None, lang, prob
+
+
+def build(cfg: NormalizeConfig, documents: Path, out: Path) -> dict:
+    table = pq.read_table(documents)
+    kept, rejected, reasons = [], [], Counter()
+    for row in table.to_pylist():
+        text = clean(row["text"] or "")
+        reason, lang, prob = judge(text, cfg)
+        row |= {"text": text, "lang": lang, "lang_score": prob}
+        if reason:
+            reasons[reason] += 1
+            rejected.append(row | {"reason": reason})
+        else:
+            kept.append(row)
+    stats = {"documents_in": table.num_rows, "documents_out": len(kept), "dropped": dict(reasons),
+             "chars_out": sum(len(r["text"]) for r in kept)}
+    if not kept:
+        raise EmptyCorpusError(
+            f"normalize dropped all {table.num_rows} documents of {documents}: "
+            + ", ".join(f"{k}={v}" for k, v in reasons.most_common())
+            + f"; check normalize.languages ({cfg.languages}), min_chars ({cfg.min_chars}) "
+            f"and min_lang_confidence ({cfg.min_lang_confidence})"
+        )
+    schema = table.schema.append(pa.field("lang", pa.string())).append(pa.field("lang_score", pa.float64()))
+    pq.write_table(pa.Table.from_pylist(kept, schema=schema), out / "documents.parquet", compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rejected, schema=schema.append(pa.field("reason", pa.string()))),
+                   out / "rejected.parquet", compression="zstd")
+    log.info("normalize: kept %d of %d; dropped %s", len(kept), table.num_rows, dict(reasons))
+    return stats
+
+
+@task(name="normalize", persist_result=True, cache_policy=stage.CACHE_POLICY)
+def normalize(cfg: NormalizeConfig, deduped: stage.Manifest, workdir: str) -> stage.Manifest:
+    """Clean, language-filter and length-filter the deduplicated documents."""
+    import tasks.normalize as me
+
+    m = stage.run_stage("normalize", cfg, [deduped], workdir,
+                        lambda out, key: build(cfg, deduped.path("documents.parquet"), out), [me])
+    publish_counts("normalize", m)
+    return m

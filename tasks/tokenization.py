@@ -1,0 +1,116 @@
+"""tokenize: train a byte-level BPE on the clean corpus and pack it into token shards.
+
+(The module is not called tokenize.py so that it can never shadow the standard
+library's tokenize module.)
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tasks import stage
+from tasks.config import TokenizeConfig
+from tasks.reports import publish_counts
+
+log = logging.getLogger("forja.tokenize")
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def train_tokenizer(texts: list[str], cfg: TokenizeConfig) -> Tokenizer:
+    """Byte-level BPE: every byte is in the alphabet, so any text encodes and decodes exactly."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[EOT, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def is_validation(text: str, fraction: float, seed: int) -> bool:
+    """A document's split depends only on its text, so it is stable across crawls."""
+    h = hashlib.sha1(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def pack(tok: Tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
+    """Documents joined by <|endoftext|> and cut into rows of seq_len + 1 tokens.
+
+    Consecutive rows overlap by one token, so each row holds its own inputs and
+    next-token targets; the incomplete tail is dropped.
+    """
+    eot = tok.token_to_id(EOT)
+    stream = [i for enc in tok.encode_batch(texts) for i in (*enc.ids, eot)]
+    arr = np.asarray(stream, dtype=np.int64)
+    n = (len(arr) - 1) // seq_len
+    return np.stack([arr[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]) if n else np.zeros((0, seq_len + 1), np.int64)
+
+
+def write_shards(rows: np.ndarray, out: Path, split: str, shard_rows: int, vocab: int) -> list[str]:
+    """Parquet shards with a fixed-size list column of the smallest integer type that fits."""
+    dtype, atype = (np.uint16, pa.uint16()) if vocab <= 2**16 else (np.uint32, pa.uint32())
+    names = []
+    for s, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
+        chunk = rows[start : start + shard_rows].astype(dtype)
+        col = pa.FixedSizeListArray.from_arrays(pa.array(chunk.ravel(), type=atype), rows.shape[1])
+        name = f"{split}-{s:05d}.parquet"
+        pq.write_table(pa.table({"tokens": col}), out / name, compression="zstd")
+        names.append(name)
+    return names
+
+
+def preview(tok: Tokenizer, text: str, limit: int = 400) -> str:
+    """A paragraph with its token boundaries marked by '|', to eyeball the vocabulary."""
+    enc = tok.encode(text[:limit])
+    return "|".join(text[a:b] for a, b in enc.offsets) + "\n"
+
+
+def build(cfg: TokenizeConfig, documents: Path, out: Path) -> dict:
+    texts = pq.read_table(documents, columns=["text"]).column("text").to_pylist()
+    val = [t for t in texts if is_validation(t, cfg.val_fraction, cfg.seed)]
+    train = [t for t in texts if not is_validation(t, cfg.val_fraction, cfg.seed)]
+    if not val:  # tiny corpora: still hold one document out
+        val, train = train[-1:], train[:-1]
+    if not train:
+        raise ValueError(f"{documents} has {len(texts)} document(s): too few to split into train and validation")
+    log.info("tokenize: training BPE (vocab %d) on %d documents", cfg.vocab_size, len(train))
+    tok = train_tokenizer(train, cfg)
+    tok.save(str(out / "tokenizer.json"))
+    train_rows, val_rows = pack(tok, train, cfg.seq_len), pack(tok, val, cfg.seq_len)
+    if len(val_rows) == 0 or len(train_rows) == 0:
+        raise ValueError(
+            f"too little text for sequences of {cfg.seq_len} tokens ({len(train_rows)} train, {len(val_rows)} "
+            "validation rows): lower tokenize.seq_len or raise tokenize.val_fraction"
+        )
+    vocab = tok.get_vocab_size()
+    write_shards(train_rows, out, "train", cfg.shard_rows, vocab)
+    write_shards(val_rows, out, "val", cfg.shard_rows, vocab)
+    (out / "preview.txt").write_text(preview(tok, val[0]))
+    val_tokens = sum(len(e.ids) + 1 for e in tok.encode_batch(val))
+    val_bytes = sum(len(t.encode()) + 1 for t in val)
+    return {
+        "vocab_size": vocab, "seq_len": cfg.seq_len, "documents": {"train": len(train), "val": len(val)},
+        "rows": {"train": len(train_rows), "val": len(val_rows)},
+        "tokens": {"train": int(train_rows.shape[0] * cfg.seq_len), "val": int(val_rows.shape[0] * cfg.seq_len)},
+        "val_bytes_per_token": val_bytes / val_tokens,
+    }
+
+
+@task(name="tokenize", persist_result=True, cache_policy=stage.CACHE_POLICY)
+def tokenize(cfg: TokenizeConfig, normalized: stage.Manifest, workdir: str) -> stage.Manifest:
+    """Train the tokenizer and write packed train/validation token shards."""
+    import tasks.tokenization as me
+
+    m = stage.run_stage("tokenize", cfg, [normalized], workdir,
+                        lambda out, key: build(cfg, normalized.path("documents.parquet"), out), [me])
+    publish_counts("tokenize", m)
+    return m
