@@ -1,6 +1,7 @@
 """The pipeline flow: crawl -> dedupe -> normalize -> tokenize -> pretrain -> evaluate -> register."""
 from __future__ import annotations
 
+import logging
 import os
 
 from prefect import flow
@@ -13,6 +14,10 @@ from tasks.normalize import normalize
 from tasks.pretrain import pretrain
 from tasks.register import register
 from tasks.tokenization import tokenize
+
+# Stage progress is logged on "forja.*" loggers; Prefect forwards them to the run's log
+# (PREFECT_LOGGING_EXTRA_LOGGERS=forja) once they pass this level.
+logging.getLogger("forja").setLevel(logging.INFO)
 
 
 def default_workdir() -> str:

@@ -1,0 +1,41 @@
+# forja: `make demo` runs the whole pipeline on the bundled site; `make test` runs the tests.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+WORKDIR ?= work
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install demo test test-fast clean help
+
+help:
+	@echo "make demo     install, then run the pipeline on configs/demo.yaml (crawl -> register)"
+	@echo "make test     install, then run the test suite"
+	@echo "make install  create $(VENV) and install forja with its test tools"
+	@echo "make clean    remove the work directory ($(WORKDIR))"
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build: otherwise DeepSpeed's requirements pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/forja run configs/demo.yaml --workdir $(WORKDIR)
+
+test: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v
+
+test-fast: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v -m "not slow"
+
+clean:
+	rm -rf $(WORKDIR)

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.crawl.seeds
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_misspelt_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "crawl:\n  seeds: [http://example.org/]\ndedupe:\n  treshold: 0.9\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "dedupe.treshold" in str(e.value) and str(p) in str(e.value)
+    assert "threshold" in str(e.value)  # tells what the valid keys are
+
+
+def test_unknown_section_is_rejected(tmp_path):
+    p = write(tmp_path, "crawl:\n  seeds: [http://example.org/]\npretrian: {}\n")
+    with pytest.raises(ConfigError, match="pretrian"):
+        load_config(p)
+
+
+def test_set_overrides_value_and_rejects_unknown_key(tmp_path):
+    p = write(tmp_path, "crawl:\n  seeds: [http://example.org/]\n")
+    assert load_config(p, ["dedupe.threshold=0.9"]).dedupe.threshold == 0.9
+    with pytest.raises(ConfigError, match="dedupe.thresh"):
+        load_config(p, ["dedupe.thresh=0.9"])
+
+
+def test_cross_field_check_says_what_to_change(tmp_path):
+    p = write(tmp_path, "crawl:\n  seeds: [http://example.org/]\npretrain:\n  max_steps: 10\n  warmup_steps: 10\n")
+    with pytest.raises(ConfigError, match=r"warmup_steps \(10\) must be < max_steps \(10\)"):
+        load_config(p)
