@@ -40,6 +40,17 @@ class DedupeConfig(Section):
     shingle_size: int = Field(5, ge=1, description="words per shingle")
     seed: int = 1
 
+    @model_validator(mode="after")
+    def _check(self):
+        from datasketch import MinHashLSH
+
+        try:  # datasketch needs at least two bands for this threshold and permutation count
+            MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        except ValueError:
+            raise ValueError(f"dedupe.threshold ({self.threshold}) is too high for num_perm ({self.num_perm}): "
+                             "lower the threshold or raise num_perm") from None
+        return self
+
 
 class NormalizeConfig(Section):
     languages: list[str] = Field(default_factory=lambda: ["pt"], min_length=1)

@@ -1,0 +1,54 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks import dedupe as d
+from tasks.config import DedupeConfig
+from tests.fixtures.site import SENTENCES
+
+
+def corpus():
+    a = " ".join(SENTENCES[0:12])
+    near = a.replace(SENTENCES[3], "Uma frase nova entra no lugar de outra sem mudar o resto do texto.")
+    b = " ".join(SENTENCES[12:24])
+    c = " ".join(SENTENCES[24:36])
+    exact = "  " + b.upper() + "  "  # same words, other case and spacing
+    return ["a", "near", "b", "c", "exact"], [a, near, b, c, exact]
+
+
+def test_planted_near_duplicate_is_removed_and_linked(tmp_path):
+    ids, texts = corpus()
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ids, "url": [f"http://x/{i}" for i in ids], "text": texts}), src)
+    stats = d.build(DedupeConfig(threshold=0.7), src, tmp_path)
+    kept = pq.read_table(tmp_path / "documents.parquet").column("id").to_pylist()
+    removed = {r["id"]: r for r in pq.read_table(tmp_path / "removed.parquet").to_pylist()}
+    assert kept == ["a", "b", "c"]
+    assert removed["near"]["duplicate_of"] == "a" and removed["near"]["kind"] == "near"
+    assert removed["near"]["duplicate_of_url"] == "http://x/a" and removed["near"]["similarity"] >= 0.7
+    assert removed["exact"]["duplicate_of"] == "b" and removed["exact"]["kind"] == "exact"
+    assert stats["documents_in"] == stats["documents_out"] + sum(stats["removed"].values())
+
+
+def test_threshold_above_similarity_keeps_both():
+    ids, texts = corpus()
+    removed = d.find_duplicates(ids[:2], texts[:2], DedupeConfig(threshold=0.95))
+    assert removed == {}
+
+
+def test_signatures_do_not_depend_on_python_hash_seed():
+    import subprocess
+    import sys
+
+    code = ("from tasks.dedupe import signature; from tasks.config import DedupeConfig;"
+            "print(list(signature('um dois tres quatro cinco seis sete oito', DedupeConfig()).hashvalues[:4]))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={"PYTHONHASHSEED": s, "PATH": ""}).stdout for s in ("1", "2")}
+    assert len(outs) == 1 and outs.pop().startswith("[")
+
+
+def test_threshold_too_high_for_num_perm_is_a_config_error():
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError, match="raise num_perm"):
+        DedupeConfig(threshold=0.99, num_perm=128)

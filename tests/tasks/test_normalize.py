@@ -1,0 +1,51 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import normalize as n
+from tasks.config import NormalizeConfig
+from tests.fixtures.site import ENGLISH, SENTENCES
+
+PT = " ".join(SENTENCES[:8])
+
+
+def write(tmp_path, texts):
+    src = tmp_path / "in.parquet"
+    ids = [f"d{i}" for i in range(len(texts))]
+    pq.write_table(pa.table({"id": ids, "url": [f"http://x/{i}" for i in ids], "text": texts}), src)
+    return src
+
+
+def test_mojibake_is_fixed_and_text_is_nfc():
+    broken = "A configuraÃ§Ã£o do sistema Ã© simples."  # UTF-8 read as Latin-1
+    assert n.clean(broken) == "A configuração do sistema é simples."
+    decomposed = "ac\u0327a\u0303o"  # c + combining cedilla, a + combining tilde
+    assert n.clean(decomposed) == "ação"
+
+
+def test_navigation_lines_and_extra_whitespace_go():
+    text = "[ anterior ] [ Conteúdo ] [ 1 ] [ próximo ]\nTítulo   do\tcapítulo\n\n\n\nTexto."
+    assert n.clean(text) == "Título do capítulo\n\nTexto."
+
+
+def test_english_page_is_dropped_with_reason_language(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = n.build(NormalizeConfig(), write(tmp_path, [PT, ENGLISH, "curto"]), out)
+    kept = pq.read_table(out / "documents.parquet").to_pylist()
+    rejected = {r["id"]: r["reason"] for r in pq.read_table(out / "rejected.parquet").to_pylist()}
+    assert [k["id"] for k in kept] == ["d0"] and kept[0]["lang"] == "pt"
+    assert rejected == {"d1": "language", "d2": "too_short"}
+    assert stats["dropped"] == {"language": 1, "too_short": 1}
+
+
+def test_language_detection_is_deterministic():
+    text = "Linux é bom. Linux is good. " * 3
+    assert len({n.language(text, 0) for _ in range(5)}) == 1
+
+
+def test_empty_corpus_fails_with_counts_by_reason(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(n.EmptyCorpusError, match=r"language=1.*too_short=1|too_short=1.*language=1"):
+        n.build(NormalizeConfig(), write(tmp_path, [ENGLISH, "curto"]), out)

@@ -1,0 +1,48 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks import stage
+from tasks import tokenization as t
+from tasks.config import TokenizeConfig
+from tests.fixtures.site import SENTENCES
+
+CFG = TokenizeConfig(vocab_size=400, seq_len=16, val_fraction=0.2, min_frequency=1)
+
+
+def corpus_file(tmp_path):
+    texts = [" ".join(SENTENCES[i : i + 4]) for i in range(0, len(SENTENCES), 4)]
+    src = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(texts))], "text": texts}), src)
+    return src, texts
+
+
+def test_tokenizer_round_trips_text_exactly(tmp_path):
+    _, texts = corpus_file(tmp_path)
+    tok = t.train_tokenizer(texts, CFG)
+    for s in [texts[0], "Acentuação: ç ã é ü — “aspas” 日本語 🙂\n\ttab  dois espaços"]:
+        assert tok.decode(tok.encode(s).ids) == s
+    assert tok.token_to_id(t.EOT) is not None and tok.token_to_id(t.PAD) is not None
+    assert tok.get_vocab_size() == 400
+
+
+def test_shards_hold_the_rows_and_checksums_the_manifest_says(tmp_path):
+    src, texts = corpus_file(tmp_path)
+    m = stage.run_stage("tokenize", CFG, [], tmp_path, lambda out, key: t.build(CFG, src, out), [t])
+    for f in m.files:
+        assert stage.sha256_file(m.path(f.path)) == f.sha256
+        assert m.path(f.path).stat().st_size == f.bytes
+    train = pq.read_table(m.path("train-00000.parquet"))
+    col = train.column("tokens").type
+    assert col.list_size == CFG.seq_len + 1 and col.value_type == pa.uint16()
+    assert train.num_rows == m.stats["rows"]["train"]
+    assert pq.read_table(m.path("val-00000.parquet")).num_rows == m.stats["rows"]["val"]
+    assert m.stats["documents"]["train"] + m.stats["documents"]["val"] == len(texts)
+
+
+def test_packing_overlaps_rows_by_one_token(tmp_path):
+    _, texts = corpus_file(tmp_path)
+    tok = t.train_tokenizer(texts, CFG)
+    rows = t.pack(tok, texts, 16)
+    assert rows.shape[1] == 17
+    assert (rows[1:, 0] == rows[:-1, -1]).all()  # each row's last token starts the next
+    assert (rows == tok.token_to_id(t.EOT)).sum() >= len(texts) - 1
