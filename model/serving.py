@@ -5,6 +5,7 @@ unpickling an object, and the weights come from safetensors.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import mlflow
@@ -20,7 +21,8 @@ warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` met
 
 class ForjaLM(PythonModel):
     def load_context(self, context):
-        self.model, self.tokenizer = load_folder(context.artifacts["model_dir"])
+        # The three files are logged side by side, so their folder is a model folder.
+        self.model, self.tokenizer = load_folder(os.path.dirname(context.artifacts["weights"]))
 
     def predict(self, context, model_input, params=None):
         params = params or {}

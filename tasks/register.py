@@ -43,6 +43,14 @@ def requirements() -> list[str]:
             f"safetensors=={safetensors.__version__}", f"mlflow=={mlflow.__version__}", "pandas"]
 
 
+def model_artifacts(trained: stage.Manifest) -> dict[str, str]:
+    """Only what serving needs: weights (safetensors), config and tokenizer."""
+    from model.generate import CONFIG, TOKENIZER, WEIGHTS
+
+    return {"weights": str(trained.path(WEIGHTS)), "config": str(trained.path(CONFIG)),
+            "tokenizer": str(trained.path(TOKENIZER))}
+
+
 def beats(new: float, old: float | None, direction: str) -> bool:
     if old is None:
         return True
@@ -68,7 +76,7 @@ def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifes
     run_id = trained.stats["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=model.serving.__file__, artifacts={"model_dir": trained.folder},
+            name="model", python_model=model.serving.__file__, artifacts=model_artifacts(trained),
             code_paths=[str(Path(model_pkg.__file__).parent)], signature=SIGNATURE,
             input_example=pd.DataFrame({"prompt": ["O Linux é"]}), pip_requirements=requirements(),
         )

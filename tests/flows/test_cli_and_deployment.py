@@ -1,0 +1,41 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parents[2]
+
+
+def forja(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def test_help_explains_itself():
+    r = forja("--help")
+    assert r.returncode == 0 and "run" in r.stdout
+    r = forja("run", "--help")
+    assert r.returncode == 0 and "--set" in r.stdout and "--workdir" in r.stdout and "FORJA_WORKDIR" in r.stdout
+
+
+def test_misspelt_key_fails_before_anything_runs(tmp_path):
+    r = forja("run", "configs/demo.yaml", "--set", "dedupe.treshold=0.9", "--workdir", str(tmp_path / "w"))
+    assert r.returncode == 2
+    assert "dedupe.treshold" in r.stderr and "configs/demo.yaml" in r.stderr
+    assert not (tmp_path / "w" / "artifacts").exists()
+
+
+def test_prefect_yaml_declares_a_weekly_process_deployment_of_the_pipeline():
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    assert dep["entrypoint"].startswith("flows/")
+    flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
+    assert flow.name == "forja-pipeline"
+    assert set(dep["parameters"]) <= set(flow.parameters.properties)
+    assert (ROOT / dep["parameters"]["config_path"]).is_file()
+    (schedule,) = dep["schedules"]
+    minute, hour, dom, month, dow = schedule["cron"].split()
+    assert dom == "*" and month == "*" and dow not in ("*",)  # once a week
+    assert dep["work_pool"]["name"]
