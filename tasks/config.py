@@ -39,6 +39,7 @@ class DedupeConfig(Section):
     num_perm: int = Field(128, ge=16, le=1024)
     shingle_size: int = Field(5, ge=1, description="words per shingle")
     seed: int = 1
+    workers: int = Field(0, ge=0, description="processes computing signatures of large corpora; 0 = all cores")
 
     @model_validator(mode="after")
     def _check(self):

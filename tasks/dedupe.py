@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import unicodedata
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHashLSH
 from prefect import task
 
 from tasks import stage
 from tasks.config import DedupeConfig
+from tasks.minhash import Signer, sign_chunk
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.dedupe")
-_WORD = re.compile(r"\w+", re.UNICODE)
+PARALLEL_MIN_DOCS = 4000  # below this, starting worker processes costs more than it saves
+# (false-positive, false-negative) weights for choosing bands and rows: candidates are
+# verified against the threshold afterwards, so missing a duplicate is the costlier error.
+LSH_WEIGHTS = (0.1, 0.9)
 
 REMOVED_SCHEMA = pa.schema([
     ("id", pa.string()), ("url", pa.string()), ("kind", pa.string()),
@@ -30,52 +36,70 @@ REMOVED_SCHEMA = pa.schema([
 ])
 
 
-def canonical(text: str) -> str:
-    """Text as compared for exact duplicates: NFKC, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+def signature_chunks(texts: list[str], cfg: DedupeConfig, chunk: int = 1000) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+    """MinHash signatures ((n, num_perm) uint32) and exact digests of texts, chunk by chunk.
+
+    Large corpora are signed in worker processes; chunks are yielded as they arrive, so
+    the caller's LSH work overlaps with the signing of later chunks.
+    """
+    params = (cfg.num_perm, cfg.shingle_size, cfg.seed)
+    chunks = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
+    workers = min(cfg.workers or os.cpu_count() or 1, len(chunks))
+    if workers <= 1 or len(texts) < PARALLEL_MIN_DOCS:
+        signer = Signer(*params)
+        yield from (signer.sign(c) for c in chunks)
+        return
+    # spawn, not fork: the caller may be a Prefect worker thread while other threads hold
+    # locks. Workers import only tasks.minhash (numpy, pyarrow, datasketch), not Prefect.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(sign_chunk, chunks, [params] * len(chunks))
 
 
-def shingles(text: str, size: int) -> set[bytes]:
-    words = _WORD.findall(canonical(text))
-    if len(words) < size:
-        return {" ".join(words).encode()} if words else set()
-    return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
+def signature_matrix(texts: list[str], cfg: DedupeConfig) -> np.ndarray:
+    parts = [sigs for sigs, _ in signature_chunks(texts, cfg)]
+    return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), np.uint32)
 
 
-def signature(text: str, cfg: DedupeConfig) -> LeanMinHash:
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)  # sha1-based: stable across PYTHONHASHSEED
-    m.update_batch(sorted(shingles(text, cfg.shingle_size)))
-    return LeanMinHash(m)
+
+def _lean(seed: int, row: np.ndarray) -> LeanMinHash:
+    # LeanMinHash's constructor copies and re-validates the values; these come straight
+    # from Signer as uint32 "affine32" values, so set its public slots directly.
+    m = object.__new__(LeanMinHash)
+    m.seed, m.scheme, m.hashvalues = seed, "affine32", row
+    return m
 
 
 def find_duplicates(ids: list[str], texts: list[str], cfg: DedupeConfig) -> dict[int, tuple[int, str, float]]:
     """Map index of each removed document to (index it duplicates, kind, similarity).
 
-    Documents are visited in order, so the first of a group is the one kept.
+    Documents are visited in order, so the first of a group is the one kept. LSH
+    candidates are confirmed by their signature Jaccard before a document is removed,
+    which is why the bands are tuned for recall.
     """
-    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
-    exact: dict[str, int] = {}
-    sigs: dict[int, LeanMinHash] = {}
+    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
+    exact: dict[bytes, int] = {}
+    kept_sigs: dict[int, np.ndarray] = {}
     removed: dict[int, tuple[int, str, float]] = {}
-    for i, text in enumerate(texts):
-        digest = hashlib.sha256(canonical(text).encode()).hexdigest()
-        if digest in exact:
-            removed[i] = (exact[digest], "exact", 1.0)
-            continue
-        sig = signature(text, cfg)
-        best, best_sim = None, 0.0
-        for cand in lsh.query(sig):
-            sim = sig.jaccard(sigs[cand])
-            if sim >= cfg.threshold and (sim > best_sim or (sim == best_sim and cand < best)):
-                best, best_sim = cand, sim
-        if best is not None:
-            removed[i] = (best, "near", float(best_sim))
-            continue
-        exact[digest] = i
-        sigs[i] = sig
-        lsh.insert(i, sig)
-        if (i + 1) % 1000 == 0:
-            log.info("dedupe: %d/%d documents", i + 1, len(texts))
+    i = 0
+    for block, digests in signature_chunks(texts, cfg):
+        for row, digest in zip(block, digests):
+            if digest in exact:
+                removed[i] = (exact[digest], "exact", 1.0)
+            else:
+                sig = _lean(cfg.seed, row)
+                best, best_sim = None, 0.0
+                for cand in lsh.query(sig):
+                    sim = float(np.count_nonzero(kept_sigs[cand] == row)) / cfg.num_perm
+                    if sim >= cfg.threshold and (sim > best_sim or (sim == best_sim and cand < best)):
+                        best, best_sim = cand, sim
+                if best is not None:
+                    removed[i] = (best, "near", best_sim)
+                else:
+                    exact[digest] = i
+                    kept_sigs[i] = row
+                    lsh.insert(i, sig, check_duplication=False)  # keys are unique positions
+            i += 1
+        log.info("dedupe: %d/%d documents, %d removed", i, len(texts), len(removed))
     return removed
 
 
@@ -99,8 +123,9 @@ def build(cfg: DedupeConfig, documents: Path, out: Path) -> dict:
 def dedupe(cfg: DedupeConfig, crawled: stage.Manifest, workdir: str) -> stage.Manifest:
     """Remove exact and near-duplicate documents from the crawl output."""
     import tasks.dedupe as me
+    import tasks.minhash
 
     m = stage.run_stage("dedupe", cfg, [crawled], workdir,
-                        lambda out, key: build(cfg, crawled.path("documents.parquet"), out), [me])
+                        lambda out, key: build(cfg, crawled.path("documents.parquet"), out), [me, tasks.minhash])
     publish_counts("dedupe", m)
     return m

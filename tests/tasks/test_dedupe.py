@@ -39,8 +39,8 @@ def test_signatures_do_not_depend_on_python_hash_seed():
     import subprocess
     import sys
 
-    code = ("from tasks.dedupe import signature; from tasks.config import DedupeConfig;"
-            "print(list(signature('um dois tres quatro cinco seis sete oito', DedupeConfig()).hashvalues[:4]))")
+    code = ("from tasks.dedupe import signature_matrix; from tasks.config import DedupeConfig;"
+            "print(list(signature_matrix(['um dois tres quatro cinco seis sete oito'], DedupeConfig())[0, :4]))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={"PYTHONHASHSEED": s, "PATH": ""}).stdout for s in ("1", "2")}
     assert len(outs) == 1 and outs.pop().startswith("[")
@@ -52,3 +52,35 @@ def test_threshold_too_high_for_num_perm_is_a_config_error():
 
     with pytest.raises(pydantic.ValidationError, match="raise num_perm"):
         DedupeConfig(threshold=0.99, num_perm=128)
+
+
+def test_worker_processes_give_the_same_signatures_and_decisions(monkeypatch):
+    ids, texts = corpus()
+    texts = texts * 30  # 150 documents: many exact duplicates, in several chunks
+    serial = d.signature_matrix(texts, DedupeConfig(workers=1))
+    monkeypatch.setattr(d, "PARALLEL_MIN_DOCS", 10)
+    parallel = d.signature_matrix(texts, DedupeConfig(workers=2))
+    assert (serial == parallel).all()
+
+
+def test_signature_of_a_text_does_not_depend_on_its_batch():
+    from tasks.minhash import Signer
+
+    s = Signer()
+    a, b = "um dois tres quatro cinco seis sete oito", "curto"
+    both = s.signature_matrix([a, "", b, "  " + a.upper() + "\n"])
+    assert (both[0] == s.signature_matrix([a])[0]).all() and (both[2] == s.signature_matrix([b])[0]).all()
+    assert (both[3] == both[0]).all()  # case and spacing do not matter
+    assert (both[1] == 2**32 - 1).all()  # no words: the empty signature
+
+
+def test_signature_jaccard_tracks_exact_jaccard():
+    from tasks.minhash import Signer
+
+    words = SENTENCES[0].split() + SENTENCES[1].split() + SENTENCES[2].split()
+    a = " ".join(words)
+    b = " ".join(words[:-6] + ["outra", "coisa", "bem", "diferente", "no", "fim"])
+    sh = lambda t: {" ".join(t.lower().split()[i:i + 5]) for i in range(len(t.split()) - 4)}  # noqa: E731
+    exact = len(sh(a) & sh(b)) / len(sh(a) | sh(b))
+    m = Signer(num_perm=256).signature_matrix([a, b])
+    assert abs((m[0] == m[1]).mean() - exact) < 0.1
