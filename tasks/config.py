@@ -19,19 +19,38 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class JsonlSource(Section):
+    path: str
+    text_field: str = "text"
+    id_field: str | None = Field(None, description="a field to name each record by; default: its line number")
+
+
 class CrawlConfig(Section):
-    seeds: list[str] = Field(min_length=1, description="start URLs; '{serve}' is replaced by serve_dir's address")
+    seeds: list[str] = Field(default_factory=list, description="start URLs; '{serve}' is replaced by serve_dir's address")
+    seed_files: list[str] = Field(default_factory=list, description="files of URLs, one a line ('#' comments)")
+    warc: list[str] = Field(default_factory=list, description="WARC files (.warc or .warc.gz): response records")
+    folders: list[str] = Field(default_factory=list, description="local folders of .html/.htm/.txt/.md documents")
+    jsonl: list[JsonlSource] = Field(default_factory=list, description="JSONL files, one document a line")
     serve_dir: str | None = Field(None, description="a local folder to serve on 127.0.0.1 while crawling (demo, tests)")
     path_prefixes: list[str] = Field(default_factory=list, description="in-scope path prefixes; default: each seed's folder")
+    follow_links: bool = Field(True, description="false: fetch only the seeds (seed lists of JavaScript sites)")
     max_depth: int = Field(3, ge=0)
     max_pages: int = Field(200, ge=1)
-    delay_s: float = Field(1.0, ge=0, description="pause between two requests to the same host")
-    timeout_s: float = Field(15.0, gt=0)
+    delay_s: float = Field(1.0, ge=0, description="minimum pause between two requests to the same host")
+    timeout_s: float = Field(15.0, gt=0, description="connect/read timeout of one request")
+    deadline_s: float = Field(60.0, gt=0, description="total time allowed to read one body")
     retries: int = Field(3, ge=0, description="retries on connection errors, timeouts, 429 and 5xx")
-    backoff_s: float = Field(0.5, ge=0)
-    max_body_bytes: int = Field(20 * 2**20, ge=1024)
+    backoff_s: float = Field(1.0, ge=0, description="first retry pause, doubled each time")
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="largest body kept, after decompression")
+    allow_loopback: bool = Field(False, description="allow 127.0.0.0/8 and ::1 (the SSRF guard refuses them by default)")
     user_agent: str = "forja/0.1 (+https://github.com/forja-llm/forja)"
     licence: str = Field("", description="licence or source note stored with every document")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not (self.seeds or self.seed_files or self.warc or self.folders or self.jsonl):
+            raise ValueError("crawl needs at least one source: seeds, seed_files, warc, folders or jsonl")
+        return self
 
 
 class DedupeConfig(Section):

@@ -1,33 +1,30 @@
-"""crawl: fetch pages from seed URLs within scope, politely, and extract their text.
+"""crawl: gather documents from the web (politely, safely), WARC files, folders and JSONL.
 
-Plain functions (fetching, robots.txt, decoding, extraction, the breadth-first walk)
-and, at the bottom, the Prefect task that wraps them into a stage folder.
+Plain functions (decoding, extraction, the breadth-first walk, the sources) and, at the
+bottom, the Prefect task that wraps them into a stage folder. HTTP rules live in
+tasks/fetch.py, file sources in tasks/sources.py.
 """
 from __future__ import annotations
 
-import contextlib
 import codecs
+import contextlib
 import email.message
 import hashlib
 import logging
 import re
-import time
-import urllib.robotparser
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlsplit
 
-import httpx
 import lxml.html
 import pyarrow as pa
 import pyarrow.parquet as pq
 import trafilatura
 from prefect import task
 
-from tasks import sites, stage
+from tasks import fetch, sites, sources, stage
 from tasks.config import CrawlConfig
+from tasks.fetch import CrawlError, Fetcher, Refused
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.crawl")
@@ -37,20 +34,8 @@ DOC_SCHEMA = pa.schema([
     ("status", pa.int32()), ("content_type", pa.string()), ("encoding", pa.string()),
     ("title", pa.string()), ("text", pa.string()), ("depth", pa.int32()), ("licence", pa.string()),
 ])
-RETRY_STATUS = {429, 500, 502, 503, 504}
-HTML_TYPES = ("text/html", "application/xhtml+xml")
-
-
-class CrawlError(RuntimeError):
-    """A crawl that cannot go on; the message names the URL."""
-
-
-@dataclass
-class Page:
-    url: str
-    status: int
-    content_type: str
-    body: bytes
+HTML_TYPES = fetch.HTML_TYPES
+MAX_HTML_CHARS = 5_000_000  # bigger pages are set aside rather than parsed
 
 
 def doc_id(url: str) -> str:
@@ -118,84 +103,34 @@ def links(html: str, base: str) -> list[str]:
     return out
 
 
-@dataclass
-class Fetcher:
-    """HTTP GET with retries, back-off, a per-host delay and robots.txt."""
-
-    cfg: CrawlConfig
-    client: httpx.Client = field(init=False)
-    robots: dict[str, urllib.robotparser.RobotFileParser | None] = field(default_factory=dict)
-    last_hit: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.client = httpx.Client(
-            timeout=self.cfg.timeout_s, follow_redirects=True, max_redirects=5,
-            headers={"User-Agent": self.cfg.user_agent},
-        )
-
-    def close(self):
-        self.client.close()
-
-    def _wait(self, host: str, delay: float) -> None:
-        wait = self.last_hit.get(host, 0) + delay - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        self.last_hit[host] = time.monotonic()
-
-    def get(self, url: str, delay: float | None = None) -> Page:
-        """Fetch url, retrying transient failures; raises CrawlError naming url when out of tries."""
-        host = urlsplit(url).netloc
-        delay = self.cfg.delay_s if delay is None else delay
-        reason = ""
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-            self._wait(host, delay)
+def to_document(raw: dict, source: str, depth: int, cfg: CrawlConfig, counts: Counter) -> tuple[dict | None, str]:
+    """A document row from a raw page (body bytes) or text record; (None, "") if set aside."""
+    ctype = raw.get("content_type", "")
+    html, encoding, title = "", "", ""
+    if "text" in raw:
+        text, encoding = raw["text"], "utf-8"
+    else:
+        encoding = sniff_encoding(raw["body"], ctype)
+        decoded = raw["body"].decode(encoding, errors="replace")
+        if fetch.media_type(ctype) in HTML_TYPES:
+            if len(decoded) > MAX_HTML_CHARS:
+                counts["set_aside_html_too_large"] += 1
+                return None, ""
             try:
-                with self.client.stream("GET", url) as r:
-                    ctype = r.headers.get("content-type", "")
-                    if r.status_code in RETRY_STATUS:
-                        reason = f"HTTP {r.status_code}"
-                        retry_after = r.headers.get("retry-after", "")
-                        if retry_after.isdigit():
-                            time.sleep(min(float(retry_after), 60.0))
-                        continue
-                    body = b""
-                    if r.status_code < 400 and ctype.split(";")[0].strip().lower() in HTML_TYPES + ("text/plain",):
-                        chunks, size = [], 0
-                        for chunk in r.iter_bytes():
-                            size += len(chunk)
-                            if size > self.cfg.max_body_bytes:
-                                raise CrawlError(f"{url}: body larger than crawl.max_body_bytes")
-                            chunks.append(chunk)
-                        body = b"".join(chunks)
-                    return Page(str(r.url), r.status_code, ctype, body)
-            except (httpx.TransportError, httpx.TooManyRedirects) as e:
-                reason = f"{type(e).__name__}: {e}"
-        raise CrawlError(f"could not fetch {url} after {self.cfg.retries + 1} attempts ({reason})")
-
-    def allowed(self, url: str) -> bool:
-        """robots.txt: 4xx allows all, 5xx or unreachable disallows the host."""
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        if origin not in self.robots:
-            rp = urllib.robotparser.RobotFileParser()
-            try:
-                page = self.get(origin + "/robots.txt")
-                if page.status >= 400:
-                    rp.allow_all = True
-                else:
-                    rp.parse(page.body.decode("utf-8", "replace").splitlines())
-            except CrawlError:
-                rp.disallow_all = True
-            self.robots[origin] = rp
-        return self.robots[origin].can_fetch(self.cfg.user_agent, url)
-
-    def delay_for(self, url: str) -> float:
-        parts = urlsplit(url)
-        rp = self.robots.get(f"{parts.scheme}://{parts.netloc}")
-        crawl_delay = rp.crawl_delay(self.cfg.user_agent) if rp else None
-        return max(self.cfg.delay_s, float(crawl_delay or 0))
+                text, title = extract(decoded, raw["url"])
+            except Exception as e:  # pathological markup must not stop the crawl
+                counts["set_aside_extract_error"] += 1
+                log.warning("crawl: could not extract %s (%s)", raw["url"], e)
+                return None, ""
+            html = decoded
+        else:
+            text = decoded
+    doc = {
+        "id": doc_id(raw["url"]), "url": raw["url"], "source": source, "fetched_at": raw.get("fetched_at") or sources.now(),
+        "status": raw.get("status", 200), "content_type": ctype, "encoding": encoding, "title": title,
+        "text": text, "depth": depth, "licence": cfg.licence,
+    }
+    return doc, html
 
 
 def in_scope(url: str, scopes: list[tuple[str, str]]) -> bool:
@@ -203,23 +138,40 @@ def in_scope(url: str, scopes: list[tuple[str, str]]) -> bool:
     return any(parts.netloc == host and parts.path.startswith(prefix) for host, prefix in scopes)
 
 
-def crawl_site(cfg: CrawlConfig, seeds: list[str]) -> tuple[list[dict], Counter]:
-    """Breadth-first walk from seeds within scope; returns documents and counts by outcome."""
+def read_seed_files(paths: list[str]) -> list[str]:
+    urls = []
+    for p in paths:
+        for line in Path(p).read_text(encoding="utf-8").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                urls.append(line)
+    return urls
+
+
+def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: list[dict]) -> None:
+    """Breadth-first walk from seeds within scope, appending documents and counting outcomes."""
     scopes = [(urlsplit(s).netloc, p) for s in seeds for p in (cfg.path_prefixes or [urlsplit(s).path.rsplit("/", 1)[0] + "/"])]
     fetcher = Fetcher(cfg)
-    queue = deque((s, 0) for s in seeds)
-    seen, docs, counts = set(seeds), [], Counter()
+    queue = deque((s, 0) for s in dict.fromkeys(seeds))
+    seen, start = set(seeds), len(docs)
     try:
-        while queue and len(docs) < cfg.max_pages:
+        while queue and len(docs) - start < cfg.max_pages:
             url, depth = queue.popleft()
             is_seed = depth == 0
-            if not fetcher.allowed(url):
-                if is_seed:
-                    raise CrawlError(f"seed {url} is disallowed by robots.txt (or robots.txt is unreachable)")
-                counts["skipped_robots"] += 1
-                continue
             try:
-                page = fetcher.get(url, fetcher.delay_for(url))
+                if not fetcher.allowed(url):
+                    why = fetcher.why_host_skipped(url)
+                    if is_seed and why:
+                        raise CrawlError(f"seed {url} cannot be crawled: {why}")
+                    counts["skipped_host_down" if why else "skipped_robots"] += 1
+                    if is_seed:
+                        log.warning("crawl: seed %s is disallowed by robots.txt", url)
+                    continue
+                page = fetcher.get(url)
+            except Refused as e:
+                counts[f"refused_{e.reason}"] += 1
+                log.info("crawl: refused %s", e)
+                continue
             except CrawlError:
                 if is_seed:
                     raise
@@ -231,30 +183,35 @@ def crawl_site(cfg: CrawlConfig, seeds: list[str]) -> tuple[list[dict], Counter]
                     raise CrawlError(f"seed {url} answered HTTP {page.status}")
                 counts[f"http_{page.status}"] += 1
                 continue
-            if page.content_type.split(";")[0].strip().lower() not in HTML_TYPES:
-                counts["skipped_content_type"] += 1
+            doc, html = to_document({"url": page.url, "status": page.status, "content_type": page.content_type,
+                                     "body": page.body}, "http", depth, cfg, counts)
+            if doc is None:
                 continue
-            encoding = sniff_encoding(page.body, page.content_type)
-            html = page.body.decode(encoding, errors="replace")
-            text, title = extract(html, page.url)
-            docs.append({
-                "id": doc_id(page.url), "url": page.url, "source": "http",
-                "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "status": page.status, "content_type": page.content_type, "encoding": encoding,
-                "title": title, "text": text, "depth": depth, "licence": cfg.licence,
-            })
+            docs.append(doc)
             counts["fetched"] += 1
-            if len(docs) % 10 == 0:
-                log.info("crawl: %d pages fetched, %d queued", len(docs), len(queue))
-            if depth < cfg.max_depth:
+            if counts["fetched"] % 10 == 0:
+                log.info("crawl: %d pages fetched, %d queued", counts["fetched"], len(queue))
+            if cfg.follow_links and depth < cfg.max_depth and html:
                 for link in links(html, page.url):
                     if link not in seen and in_scope(link, scopes):
                         seen.add(link)
                         queue.append((link, depth + 1))
     finally:
         fetcher.close()
-    counts["left_in_queue"] = len(queue)
-    return docs, counts
+    counts["left_in_queue"] += len(queue)
+
+
+def read_files(cfg: CrawlConfig, counts: Counter, docs: list[dict]) -> None:
+    """Documents from the WARC, folder and JSONL sources."""
+    feeds = [("warc", sources.read_warc(Path(p), counts)) for p in cfg.warc]
+    feeds += [("folder", sources.read_folder(Path(p), counts)) for p in cfg.folders]
+    feeds += [("jsonl", sources.read_jsonl(Path(j.path), j.text_field, j.id_field, counts)) for j in cfg.jsonl]
+    for source, rows in feeds:
+        for raw in rows:
+            doc, _ = to_document(raw, source, 0, cfg, counts)
+            if doc is not None:
+                docs.append(doc)
+                counts[f"{source}_documents"] += 1
 
 
 def write_documents(rows: list[dict], path: Path, schema: pa.Schema | None = None) -> None:
@@ -263,23 +220,33 @@ def write_documents(rows: list[dict], path: Path, schema: pa.Schema | None = Non
 
 
 def build(cfg: CrawlConfig, out: Path) -> dict:
-    """Crawl (serving cfg.serve_dir on loopback first, when set) into out/documents.parquet."""
+    """Gather every configured source (serving cfg.serve_dir on loopback first, when set)."""
+    if any("{serve}" in s for s in cfg.seeds) and not cfg.serve_dir:
+        raise CrawlError("crawl.seeds use {serve} but crawl.serve_dir is not set")
+    docs: list[dict] = []
+    counts: Counter = Counter()
     with sites.serve_folder(cfg.serve_dir) if cfg.serve_dir else contextlib.nullcontext("") as base:
-        seeds = [s.replace("{serve}", base) for s in cfg.seeds]
-        if any("{serve}" in s for s in cfg.seeds) and not cfg.serve_dir:
-            raise CrawlError("crawl.seeds use {serve} but crawl.serve_dir is not set")
-        docs, counts = crawl_site(cfg, seeds)
+        seeds = [s.replace("{serve}", base) for s in cfg.seeds] + read_seed_files(cfg.seed_files)
+        if seeds:
+            crawl_site(cfg, seeds, counts, docs)
+    read_files(cfg, counts, docs)
     if not docs:
-        raise CrawlError(f"crawl of {', '.join(seeds)} produced no documents ({dict(counts)})")
-    write_documents(docs, out / "documents.parquet", DOC_SCHEMA)
-    return {"documents": len(docs), "counts": dict(counts), "text_chars": sum(len(d["text"]) for d in docs)}
+        raise CrawlError(f"the crawl produced no documents ({dict(counts)}); check crawl.seeds and the other sources")
+    seen: set[str] = set()
+    unique = []
+    for d in docs:  # the same URL from two sources: keep the first
+        if d["id"] not in seen:
+            seen.add(d["id"])
+            unique.append(d)
+    write_documents(unique, out / "documents.parquet", DOC_SCHEMA)
+    return {"documents": len(unique), "counts": dict(counts), "text_chars": sum(len(d["text"]) for d in unique)}
 
 
 @task(name="crawl", persist_result=True, cache_policy=stage.CACHE_POLICY)
 def crawl(cfg: CrawlConfig, workdir: str) -> stage.Manifest:
-    """Crawl the configured sources into a documents folder."""
+    """Gather the configured sources into a documents folder."""
     import tasks.crawl as me
 
-    m = stage.run_stage("crawl", cfg, [], workdir, lambda out, key: build(cfg, out), [me, sites])
+    m = stage.run_stage("crawl", cfg, [], workdir, lambda out, key: build(cfg, out), [me, fetch, sites, sources])
     publish_counts("crawl", m)
     return m

@@ -13,6 +13,7 @@ for k, v in {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PREFECT_HOME": str(_TMP / "prefect"),
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_TMP / "prefect-results"),
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_LOGGING_EXTRA_LOGGERS": "forja",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }.items():
     os.environ.setdefault(k, v)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests pick their own temp SQLite file

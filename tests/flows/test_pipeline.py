@@ -20,7 +20,8 @@ def task_states(flow_run_id) -> dict[str, str]:
 def config_file(site, tmp_path):
     cfg = {
         "name": "test",
-        "crawl": {"serve_dir": str(site), "seeds": ["{serve}/docs/index.html"], "delay_s": 0, "retries": 1},
+        "crawl": {"serve_dir": str(site), "seeds": ["{serve}/docs/index.html"], "delay_s": 0, "retries": 1,
+                  "allow_loopback": True},
         "dedupe": {"threshold": 0.7},
         "normalize": {"min_chars": 100},
         "tokenize": {"vocab_size": 300, "seq_len": 32, "val_fraction": 0.2, "min_frequency": 1},

@@ -10,7 +10,8 @@ from tasks.sites import serve_folder
 
 
 def cfg(**kw):
-    base = dict(seeds=["{serve}/docs/index.html"], delay_s=0, retries=1, backoff_s=0.01, timeout_s=5)
+    base = dict(seeds=["{serve}/docs/index.html"], delay_s=0, retries=1, backoff_s=0.01, timeout_s=5,
+                allow_loopback=True)
     return CrawlConfig(**(base | kw))
 
 

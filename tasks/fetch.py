@@ -1,0 +1,252 @@
+"""Polite, bounded, SSRF-guarded HTTP fetching for the crawl stage.
+
+- robots.txt per RFC 9309: 4xx allows all, 5xx or unreachable disallows the host,
+  Crawl-delay honoured, cached for at most 24 hours.
+- One request at a time per host with a minimum delay; Retry-After honoured; retries
+  with exponential back-off on 5xx, 429, timeouts and connection errors only.
+- Limits: body size (counted after decompression, which is done here in bounded steps,
+  so a gzip bomb stops at the limit), a total deadline per fetch (slow drip), at most 5
+  redirects, non-HTML refused from the headers before any body is read.
+- SSRF guard: every hop's host is resolved and refused if any address is not public
+  (loopback, private, link-local, reserved, IPv4-mapped IPv6 ...), including numeric
+  spellings such as 2130706433 or 0x7f.0.0.1. Loopback only when allowed in config.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+import urllib.robotparser
+import zlib
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from tasks.config import CrawlConfig
+
+log = logging.getLogger("forja.crawl")
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+REDIRECT_STATUS = {301, 302, 303, 307, 308}
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+TEXT_TYPES = HTML_TYPES + ("text/plain",)
+MAX_REDIRECTS = 5
+ROBOTS_TTL_S = 24 * 3600
+MAX_RETRY_AFTER_S = 120.0
+
+
+class CrawlError(RuntimeError):
+    """A fetch that cannot succeed; the message names the URL and why."""
+
+
+class Refused(CrawlError):
+    """A URL refused without retrying: scope, SSRF guard, limits, content type."""
+
+    def __init__(self, url: str, reason: str, detail: str = ""):
+        super().__init__(f"{url}: {reason}{' (' + detail + ')' if detail else ''}")
+        self.url, self.reason = url, reason
+
+
+@dataclass
+class Page:
+    url: str  # after redirects
+    status: int
+    content_type: str
+    body: bytes
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
+def public_address_check(url: str, allow_loopback: bool) -> None:
+    """Refuse url unless every address its host resolves to is public (or allowed loopback)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise Refused(url, "scheme", parts.scheme or "none")
+    host = parts.hostname
+    if not host:
+        raise Refused(url, "no_host")
+    try:
+        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise CrawlError(f"{url}: cannot resolve {host} ({e})") from None
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback and allow_loopback:
+            continue
+        if not ip.is_global or ip.is_multicast:
+            raise Refused(url, "non_public_address", f"{host} -> {ip}")
+
+
+class BoundedDecoder:
+    """Content-Encoding decoding that never produces more than `limit` bytes in total."""
+
+    def __init__(self, encoding: str, limit: int):
+        encoding = (encoding or "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip"):
+            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._z = zlib.decompressobj()
+        elif encoding in ("identity", ""):
+            self._z = None
+        else:
+            raise ValueError(encoding)
+        self.limit, self.size = limit, 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Decoded bytes for data; raises OverflowError once the output passes the limit."""
+        if self._z is None:
+            out = data
+        else:
+            # max_length bounds each step's output, so a bomb never inflates past the limit.
+            out = self._z.decompress(data, self.limit - self.size + 1)
+            while self._z.unconsumed_tail and len(out) <= self.limit - self.size:
+                out += self._z.decompress(self._z.unconsumed_tail, self.limit - self.size + 1 - len(out))
+        self.size += len(out)
+        if self.size > self.limit:
+            raise OverflowError
+        return out
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        return min(max(0.0, parsedate_to_datetime(value).timestamp() - time.time()), MAX_RETRY_AFTER_S)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Fetcher:
+    """HTTP GET with the rules in this module's docstring. Not thread-safe: one per crawl."""
+
+    cfg: CrawlConfig
+    client: httpx.Client = field(init=False)
+    robots: dict[str, tuple[float, urllib.robotparser.RobotFileParser]] = field(default_factory=dict)
+    last_hit: dict[str, float] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)  # origin -> why its robots.txt failed
+
+    def __post_init__(self):
+        self.client = httpx.Client(
+            timeout=httpx.Timeout(self.cfg.timeout_s), follow_redirects=False, verify=True,
+            headers={"User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate",
+                     "Accept": "text/html,application/xhtml+xml,text/plain;q=0.8,*/*;q=0.1"},
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _wait(self, host: str, delay: float) -> None:
+        wait = self.last_hit.get(host, -1e9) + delay - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self.last_hit[host] = time.monotonic()
+
+    def get(self, url: str, accept: tuple[str, ...] = TEXT_TYPES) -> Page:
+        """Fetch url following up to 5 redirects, each hop guarded; see the module docstring."""
+        for _ in range(MAX_REDIRECTS + 1):
+            public_address_check(url, self.cfg.allow_loopback)
+            page = self._get_one(url, accept)
+            if page.status in REDIRECT_STATUS:
+                url = page.url
+                continue
+            return page
+        raise Refused(url, "too_many_redirects", f"more than {MAX_REDIRECTS}")
+
+    def _get_one(self, url: str, accept: tuple[str, ...]) -> Page:
+        host = urlsplit(url).netloc
+        reason = ""
+        for attempt in range(self.cfg.retries + 1):
+            self._wait(host, self.delay_for(url))
+            pause = self.cfg.backoff_s * 2**attempt
+            try:
+                with self.client.stream("GET", url) as r:
+                    if r.status_code in REDIRECT_STATUS and "location" in r.headers:
+                        return Page(urljoin(url, r.headers["location"]), r.status_code, "", b"")
+                    if r.status_code in RETRY_STATUS:
+                        reason = f"HTTP {r.status_code}"
+                        pause = max(pause, retry_after_seconds(r.headers.get("retry-after")) or 0)
+                    else:
+                        ctype = r.headers.get("content-type", "")
+                        if r.status_code >= 400:
+                            return Page(url, r.status_code, ctype, b"")
+                        if media_type(ctype) not in accept:
+                            raise Refused(url, "content_type", media_type(ctype) or "none")
+                        return Page(url, r.status_code, ctype, self._read_body(url, r))
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                reason = f"{type(e).__name__}: {e}"
+            if attempt < self.cfg.retries:
+                time.sleep(pause)
+        raise CrawlError(f"could not fetch {url} after {self.cfg.retries + 1} attempts ({reason})")
+
+    def _read_body(self, url: str, r: httpx.Response) -> bytes:
+        declared = r.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
+            raise Refused(url, "body_too_large", f"Content-Length {declared}")
+        try:
+            decoder = BoundedDecoder(r.headers.get("content-encoding", ""), self.cfg.max_body_bytes)
+        except ValueError as e:
+            raise Refused(url, "content_encoding", str(e)) from None
+        deadline = time.monotonic() + self.cfg.deadline_s
+        chunks = []
+        try:
+            for raw in r.iter_raw():  # no chunk size: data as it arrives, so the deadline is checked
+                chunks.append(decoder.feed(raw))
+                if time.monotonic() > deadline:
+                    raise Refused(url, "deadline", f"body not complete after {self.cfg.deadline_s:g} s")
+        except OverflowError:
+            raise Refused(url, "body_too_large", f"over {self.cfg.max_body_bytes} bytes decoded") from None
+        except zlib.error as e:
+            raise Refused(url, "bad_compression", str(e)) from None
+        return b"".join(chunks)
+
+    def _robots_for(self, url: str) -> urllib.robotparser.RobotFileParser:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        cached = self.robots.get(origin)
+        if cached and time.time() - cached[0] < ROBOTS_TTL_S:
+            return cached[1]
+        rp = urllib.robotparser.RobotFileParser(origin + "/robots.txt")
+        try:
+            page = self.get(origin + "/robots.txt", accept=("text/plain", "text/html", ""))
+            if page.status >= 500:
+                rp.disallow_all = True
+            elif page.status >= 400:
+                rp.allow_all = True
+            else:
+                rp.parse(page.body.decode("utf-8", "replace").splitlines())
+        except Refused as e:
+            if e.reason == "content_type":  # robots.txt served as something odd: treat as absent
+                rp.allow_all = True
+            else:
+                rp.disallow_all = True
+        except CrawlError as e:  # 5xx after retries or unreachable: skip the host (RFC 9309 2.3.1.4)
+            rp.disallow_all = True
+            self.unreachable[origin] = str(e)
+        self.robots[origin] = (time.time(), rp)
+        return rp
+
+    def allowed(self, url: str) -> bool:
+        return self._robots_for(url).can_fetch(self.cfg.user_agent, url)
+
+    def why_host_skipped(self, url: str) -> str | None:
+        """Why url's host is skipped (its robots.txt failed after retries), or None."""
+        parts = urlsplit(url)
+        return self.unreachable.get(f"{parts.scheme}://{parts.netloc}")
+
+    def delay_for(self, url: str) -> float:
+        parts = urlsplit(url)
+        cached = self.robots.get(f"{parts.scheme}://{parts.netloc}")
+        crawl_delay = cached[1].crawl_delay(self.cfg.user_agent) if cached else None
+        return max(self.cfg.delay_s, float(crawl_delay or 0))
