@@ -72,11 +72,32 @@ class DedupeConfig(Section):
         return self
 
 
+class QualityConfig(Section):
+    """Gopher/C4-style document rules; the defaults tolerate technical documentation."""
+
+    enabled: bool = True
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(200_000, ge=1)
+    min_mean_word_length: float = Field(2.5, ge=0)
+    max_mean_word_length: float = Field(10.0, gt=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0)
+    max_digit_ratio: float = Field(0.25, ge=0, le=1)
+    max_ellipsis_lines: float = Field(0.3, ge=0, le=1)
+    max_bullet_lines: float = Field(0.9, ge=0, le=1)
+    max_duplicate_line_chars: float = Field(0.3, ge=0, le=1)
+    max_duplicate_paragraph_chars: float = Field(0.3, ge=0, le=1)
+    max_top_2gram_chars: float = Field(0.2, ge=0, le=1)
+    max_duplicate_5gram_chars: float = Field(0.3, ge=0, le=1)
+
+
 class NormalizeConfig(Section):
     languages: list[str] = Field(default_factory=lambda: ["pt"], min_length=1)
     min_lang_confidence: float = Field(0.8, ge=0, le=1)
     min_chars: int = Field(200, ge=0)
     lang_seed: int = 0
+    quality: QualityConfig = QualityConfig()
+    scrub_pii: bool = Field(True, description="replace e-mails, IPs, phones and CPFs with <TYPE> placeholders")
+    examples_per_reason: int = Field(3, ge=0, description="dropped documents kept as examples in the report")
 
 
 class TokenizeConfig(Section):

@@ -20,6 +20,8 @@ from prefect import task
 
 from tasks import stage
 from tasks.config import NormalizeConfig
+from tasks.pii import scrub
+from tasks.quality import failed_rule
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.normalize")
@@ -61,23 +63,31 @@ def judge(text: str, cfg: NormalizeConfig) -> tuple[str | None, str, float]:
         return "language", lang, prob
     if prob < cfg.min_lang_confidence:
         return "low_language_confidence", lang, prob
+    if cfg.quality.enabled and (rule := failed_rule(text, cfg.quality)):
+        return f"quality:{rule}", lang, prob
     return None, lang, prob
 
 
 def build(cfg: NormalizeConfig, documents: Path, out: Path) -> dict:
     table = pq.read_table(documents)
-    kept, rejected, reasons = [], [], Counter()
+    kept, rejected, reasons, pii = [], [], Counter(), Counter()
+    examples: dict[str, list[dict]] = {}
     for row in table.to_pylist():
         text = clean(row["text"] or "")
         reason, lang, prob = judge(text, cfg)
+        if cfg.scrub_pii:  # rejected text is kept for inspection, so it is scrubbed too
+            text, found = scrub(text)
+            pii.update(found)
         row |= {"text": text, "lang": lang, "lang_score": prob}
         if reason:
             reasons[reason] += 1
             rejected.append(row | {"reason": reason})
+            if len(ex := examples.setdefault(reason, [])) < cfg.examples_per_reason:
+                ex.append({"url": row["url"], "text": text[:300]})
         else:
             kept.append(row)
     stats = {"documents_in": table.num_rows, "documents_out": len(kept), "dropped": dict(reasons),
-             "chars_out": sum(len(r["text"]) for r in kept)}
+             "pii_replaced": dict(pii), "chars_out": sum(len(r["text"]) for r in kept), "examples": examples}
     if not kept:
         raise EmptyCorpusError(
             f"normalize dropped all {table.num_rows} documents of {documents}: "
@@ -97,8 +107,11 @@ def build(cfg: NormalizeConfig, documents: Path, out: Path) -> dict:
 def normalize(cfg: NormalizeConfig, deduped: stage.Manifest, workdir: str) -> stage.Manifest:
     """Clean, language-filter and length-filter the deduplicated documents."""
     import tasks.normalize as me
+    import tasks.pii
+    import tasks.quality
 
     m = stage.run_stage("normalize", cfg, [deduped], workdir,
-                        lambda out, key: build(cfg, deduped.path("documents.parquet"), out), [me])
+                        lambda out, key: build(cfg, deduped.path("documents.parquet"), out),
+                        [me, tasks.pii, tasks.quality])
     publish_counts("normalize", m)
     return m

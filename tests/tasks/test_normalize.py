@@ -49,3 +49,24 @@ def test_empty_corpus_fails_with_counts_by_reason(tmp_path):
     out.mkdir()
     with pytest.raises(n.EmptyCorpusError, match=r"language=1.*too_short=1|too_short=1.*language=1"):
         n.build(NormalizeConfig(), write(tmp_path, [ENGLISH, "curto"]), out)
+
+
+def test_quality_rules_drop_repetitive_pages_with_a_reason_and_examples(tmp_path):
+    spam = "\n".join(["Compre agora o melhor produto da loja com desconto especial hoje."] * 12)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = n.build(NormalizeConfig(), write(tmp_path, [PT, spam]), out)
+    assert stats["dropped"] == {"quality:repeated_lines": 1}
+    assert stats["examples"]["quality:repeated_lines"][0]["url"] == "http://x/d1"
+    assert stats["documents_in"] == stats["documents_out"] + sum(stats["dropped"].values())
+
+
+def test_pii_is_scrubbed_from_kept_text_and_counted(tmp_path):
+    text = PT + " Contato: maria.souza@empresa.com.br ou (11) 98765-4321, CPF 529.982.247-25."
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = n.build(NormalizeConfig(), write(tmp_path, [text]), out)
+    (kept,) = pq.read_table(out / "documents.parquet").to_pylist()
+    assert "<EMAIL>" in kept["text"] and "<PHONE>" in kept["text"] and "<CPF>" in kept["text"]
+    assert "maria" not in kept["text"] and "98765" not in kept["text"]
+    assert stats["pii_replaced"] == {"EMAIL": 1, "PHONE": 1, "CPF": 1}
