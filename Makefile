@@ -10,12 +10,13 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast clean help
+.PHONY: install system-deps demo test test-fast bench clean help
 
 help:
 	@echo "make demo     install, then run the pipeline on configs/demo.yaml (crawl -> register)"
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create $(VENV) and install forja with its test tools"
+	@echo "make bench    run the benchmarks in benchmarks/"
 	@echo "make clean    remove the work directory ($(WORKDIR))"
 
 install: $(STAMP)
@@ -28,14 +29,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Debian packages the tests talk to: a real redis-server (the dedupe index on Redis).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q redis-server; \
+	  else sudo apt-get update -q && sudo apt-get install -y -q redis-server; fi; }
+
 demo: install
 	$(BIN)/forja run configs/demo.yaml --workdir $(WORKDIR)
 
-test: install
+test: install system-deps
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v
 
-test-fast: install
+test-fast: install system-deps
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/dedupe.py
 
 clean:
 	rm -rf $(WORKDIR)

@@ -100,6 +100,7 @@ def main() -> None:
     # Ground truth from exact Jaccard. A planted copy is found if it or its source was removed
     # as a duplicate of the other (order decides which one is kept).
     pairs = {(min(d, s), max(d, s)): jaccard(texts[d], texts[s], cfg.shingle_size) for d, s in planted.items()}
+    removed = {i: (int(j), kind, sim) for i, (j, kind, sim) in removed.items()}
     linked = {(min(i, j), max(i, j)) for i, (j, _, _) in removed.items()}
     high = [p for p, j in pairs.items() if j >= 0.9]
     recall = sum(p in linked for p in high) / max(len(high), 1)

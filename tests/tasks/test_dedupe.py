@@ -84,3 +84,44 @@ def test_signature_jaccard_tracks_exact_jaccard():
     exact = len(sh(a) & sh(b)) / len(sh(a) | sh(b))
     m = Signer(num_perm=256).signature_matrix([a, b])
     assert abs((m[0] == m[1]).mean() - exact) < 0.1
+
+
+def test_redis_index_gives_the_same_decisions_as_memory(redis_url):
+    import redis
+
+    ids, texts = corpus()
+    in_memory = d.find_duplicates(ids, texts, DedupeConfig(threshold=0.7))
+    on_redis = d.find_duplicates(ids, texts, DedupeConfig(threshold=0.7, index="redis", redis_url=redis_url))
+    assert on_redis == in_memory and on_redis
+    assert not redis.Redis.from_url(redis_url).keys("forja:dedupe:run-*")  # a run-scoped index is dropped
+
+
+def incremental(tmp_path, cfg):
+    """Two crawls: the second repeats one page, changes one slightly and adds a new one."""
+    ids, texts = corpus()
+    first = tmp_path / "first.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "url": ["http://x/a", "http://x/b"], "text": [texts[0], texts[2]]}), first)
+    second = tmp_path / "second.parquet"
+    pq.write_table(pa.table({"id": ["a", "near", "c"], "url": ["http://x/a", "http://x/near", "http://x/c"],
+                             "text": [texts[0], texts[1], texts[3]]}), second)
+    out1, out2 = tmp_path / "o1", tmp_path / "o2"
+    out1.mkdir()
+    out2.mkdir()
+    d.build(cfg, first, out1, str(tmp_path))
+    stats = d.build(cfg, second, out2, str(tmp_path))
+    kept = pq.read_table(out2 / "documents.parquet").column("id").to_pylist()
+    removed = {r["id"]: (r["kind"], r["duplicate_of"]) for r in pq.read_table(out2 / "removed.parquet").to_pylist()}
+    return kept, removed, stats
+
+
+def test_incremental_refresh_adds_only_new_documents_memory(tmp_path):
+    kept, removed, stats = incremental(tmp_path, DedupeConfig(threshold=0.7, index_name="site"))
+    assert kept == ["c"] and removed == {"a": ("seen", "a"), "near": ("near", "a")}
+    assert stats["index_before"] == 2
+
+
+def test_incremental_refresh_adds_only_new_documents_redis(tmp_path, redis_url):
+    cfg = DedupeConfig(threshold=0.7, index="redis", redis_url=redis_url, index_name="site-redis")
+    kept, removed, stats = incremental(tmp_path, cfg)
+    assert kept == ["c"] and removed == {"a": ("seen", "a"), "near": ("near", "a")}
+    assert stats["index_before"] == 2

@@ -1,0 +1,120 @@
+"""Where dedupe keeps what it has seen: MinHash LSH bands, signatures and exact digests.
+
+`memory` lives for one run unless `index_name` is set, in which case it is saved to
+<workdir>/dedupe-index/<name>.parquet after a successful run and loaded by the next one.
+`redis` puts datasketch's LSH storage and the signatures in Redis, so the index can
+outgrow one process and, with `index_name`, persists across runs: a later crawl is
+deduplicated against everything indexed before it (an incremental refresh).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasketch import MinHashLSH
+
+from tasks.config import DedupeConfig
+
+# (false-positive, false-negative) weights for choosing bands and rows: candidates are
+# verified against the threshold afterwards, so missing a duplicate is the costlier error.
+LSH_WEIGHTS = (0.1, 0.9)
+
+
+class DedupeIndex:
+    """LSH candidates plus the signatures and digests needed to confirm them."""
+
+    def __init__(self, cfg: DedupeConfig, workdir: str | Path | None = None):
+        self.cfg = cfg
+        self.persistent = cfg.index_name is not None
+        name = cfg.index_name or f"run-{uuid.uuid4().hex[:12]}"
+        self.file = Path(workdir or ".") / "dedupe-index" / f"{name}.parquet" if self.persistent else None
+        if cfg.index == "redis":
+            import redis
+
+            self.redis = redis.Redis.from_url(cfg.redis_url)
+            self.prefix = f"forja:dedupe:{name}"
+            host, port, db = self._redis_params()
+            self.lsh = MinHashLSH(
+                threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS,
+                storage_config={"type": "redis", "basename": self.prefix.encode(),
+                                "redis": {"host": host, "port": port, "db": db}},
+            )
+            self.redis.ping()
+        else:
+            self.redis = None
+            self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
+            self.sigs: dict[str, np.ndarray] = {}
+            self.digests: dict[bytes, str] = {}
+            if self.file is not None and self.file.exists():
+                self._load()
+
+    def _redis_params(self) -> tuple[str, int, int]:
+        kw = self.redis.connection_pool.connection_kwargs
+        return kw.get("host", "127.0.0.1"), int(kw.get("port", 6379)), int(kw.get("db", 0))
+
+    def __len__(self) -> int:
+        return int(self.redis.hlen(self.prefix + ":sig")) if self.redis is not None else len(self.sigs)
+
+    def exact(self, digest: bytes) -> str | None:
+        if self.redis is not None:
+            got = self.redis.hget(self.prefix + ":digest", digest)
+            return got.decode() if got is not None else None
+        return self.digests.get(digest)
+
+    def candidates(self, sig) -> list[str]:
+        return self.lsh.query(sig)
+
+    def signature(self, key: str) -> np.ndarray:
+        if self.redis is not None:
+            return np.frombuffer(self.redis.hget(self.prefix + ":sig", key), dtype=np.uint32)
+        return self.sigs[key]
+
+    def add(self, key: str, digest: bytes, row: np.ndarray, sig) -> None:
+        if self.redis is not None:
+            self.redis.hset(self.prefix + ":sig", key, row.astype(np.uint32).tobytes())
+            self.redis.hset(self.prefix + ":digest", digest, key)
+        else:
+            self.sigs[key] = row
+            self.digests[digest] = key
+        self.lsh.insert(key, sig, check_duplication=False)
+
+    def close(self, success: bool) -> None:
+        """Save a persistent memory index; drop a run-scoped Redis index."""
+        if self.redis is not None:
+            if not self.persistent:
+                keys = list(self.redis.scan_iter(match=self.prefix + "*"))
+                keys += list(self.redis.scan_iter(match=f"{self.prefix}_*".encode()))
+                for chunk in range(0, len(keys), 1000):
+                    self.redis.delete(*keys[chunk : chunk + 1000])
+            self.redis.close()
+        elif self.persistent and success:
+            self._save()
+
+    def _save(self) -> None:
+        ids = list(self.sigs)
+        inv = {v: k for k, v in self.digests.items()}
+        sigs = np.stack([self.sigs[i] for i in ids]) if ids else np.zeros((0, self.cfg.num_perm), np.uint32)
+        table = pa.table({
+            "id": ids, "digest": [inv.get(i, b"") for i in ids],
+            "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.ravel(), pa.uint32()), self.cfg.num_perm),
+        })
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, self.file)
+
+    def _load(self) -> None:
+        from tasks.dedupe import lean  # a LeanMinHash view of a stored row
+
+        table = pq.read_table(self.file)
+        sigs = table.column("signature").combine_chunks().values.to_numpy().reshape(-1, self.cfg.num_perm)
+        with self.lsh.insertion_session() as session:
+            for key, digest, row in zip(table.column("id").to_pylist(), table.column("digest").to_pylist(), sigs):
+                self.sigs[key] = row
+                if digest:
+                    self.digests[digest] = key
+                session.insert(key, lean(self.cfg.seed, row), check_duplication=False)
