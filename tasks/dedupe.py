@@ -5,13 +5,13 @@ and the estimated Jaccard similarity, in removed.parquet.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.dedupe")
 PARALLEL_MIN_DOCS = 4000  # below this, starting worker processes costs more than it saves
+CHUNK = 1000  # documents per signing chunk and per written batch
 
 REMOVED_SCHEMA = pa.schema([
     ("id", pa.string()), ("url", pa.string()), ("kind", pa.string()),
@@ -34,29 +35,35 @@ REMOVED_SCHEMA = pa.schema([
 ])
 
 
-def signature_chunks(texts: list[str], cfg: DedupeConfig, chunk: int = 1000) -> Iterator[tuple[np.ndarray, list[bytes]]]:
-    """MinHash signatures ((n, num_perm) uint32) and exact digests of texts, chunk by chunk.
+def signature_chunks(text_chunks: Iterable[list[str]], cfg: DedupeConfig,
+                     parallel: bool) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+    """MinHash signatures ((n, num_perm) uint32) and exact digests of each chunk of texts, in order.
 
-    Large corpora are signed in worker processes; chunks are yielded as they arrive, so
-    the caller's LSH work overlaps with the signing of later chunks.
+    In parallel mode the chunks are signed in worker processes, at most two per worker in
+    flight, so memory stays bounded and the caller's LSH work overlaps with signing.
     """
     params = (cfg.num_perm, cfg.shingle_size, cfg.seed)
-    chunks = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
-    workers = min(cfg.workers or os.cpu_count() or 1, len(chunks))
-    if workers <= 1 or len(texts) < PARALLEL_MIN_DOCS:
+    workers = cfg.workers or os.cpu_count() or 1
+    if not parallel or workers <= 1:
         signer = Signer(*params)
-        yield from (signer.sign(c) for c in chunks)
+        yield from (signer.sign(c) for c in text_chunks)
         return
     # spawn, not fork: the caller may be a Prefect worker thread while other threads hold
-    # locks. Workers import only tasks.minhash (numpy, pyarrow, datasketch), not Prefect.
+    # locks. Workers import only tasks.minhash (numpy, pyarrow), not Prefect.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(sign_chunk, chunks, [params] * len(chunks))
+        pending: deque = deque()
+        for chunk in text_chunks:
+            pending.append(pool.submit(sign_chunk, chunk, params))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def signature_matrix(texts: list[str], cfg: DedupeConfig) -> np.ndarray:
-    parts = [sigs for sigs, _ in signature_chunks(texts, cfg)]
+    chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
+    parts = [sigs for sigs, _ in signature_chunks(chunks, cfg, len(texts) >= PARALLEL_MIN_DOCS)]
     return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), np.uint32)
-
 
 
 def lean(seed: int, row: np.ndarray) -> LeanMinHash:
@@ -68,40 +75,53 @@ def lean(seed: int, row: np.ndarray) -> LeanMinHash:
     return m
 
 
-def find_duplicates(ids: list[str], texts: list[str], cfg: DedupeConfig,
-                    index: DedupeIndex | None = None) -> dict[int, tuple[str, str, float]]:
-    """Map position of each removed document to (id it duplicates, kind, similarity).
+def decide(chunks: Iterable[tuple[Any, list[str], list[str]]], cfg: DedupeConfig, index: DedupeIndex,
+           parallel: bool) -> Iterator[tuple[Any, dict[int, tuple[str, str, float]]]]:
+    """For each (payload, ids, texts) chunk, in order: (payload, removals by position in the chunk).
 
     Documents are visited in order, so the first of a group is kept. LSH candidates are
     confirmed by their signature Jaccard before a document is removed, which is why the
-    bands are tuned for recall. With a persistent index, documents indexed by earlier
-    runs count too: kind is "exact", "near", or "seen" for an id already in the index.
+    bands are tuned for recall. Documents indexed by earlier runs count too: kind is
+    "exact", "near", or "seen" for an id the index already holds with the same text.
     """
+    waiting: deque = deque()
+
+    def texts():
+        for payload, ids, chunk_texts in chunks:
+            waiting.append((payload, ids))
+            yield chunk_texts
+
+    for block, digests in signature_chunks(texts(), cfg, parallel):
+        payload, ids = waiting.popleft()
+        removed: dict[int, tuple[str, str, float]] = {}
+        for i, (key, row, digest) in enumerate(zip(ids, block, digests)):
+            if (dup := index.exact(digest)) is not None:
+                removed[i] = (dup, "seen" if dup == key else "exact", 1.0)
+                continue
+            sig = lean(cfg.seed, row)
+            best, best_sim = None, 0.0
+            for cand in index.candidates(sig):
+                cand = cand.decode() if isinstance(cand, bytes) else cand
+                sim = float(np.count_nonzero(index.signature(cand) == row)) / cfg.num_perm
+                if sim >= cfg.threshold and (sim > best_sim or (sim == best_sim and cand < best)):
+                    best, best_sim = cand, sim
+            if best is not None:
+                removed[i] = (best, "near", best_sim)
+            else:
+                index.add(key, digest, row, sig)
+        yield payload, removed
+
+
+def find_duplicates(ids: list[str], texts: list[str], cfg: DedupeConfig,
+                    index: DedupeIndex | None = None) -> dict[int, tuple[str, str, float]]:
+    """Map position of each removed document to (id it duplicates, kind, similarity); see decide()."""
     own = index is None
     index = DedupeIndex(cfg) if own else index
-    previous = len(index)
+    chunks = ((start, ids[start : start + CHUNK], texts[start : start + CHUNK]) for start in range(0, len(ids), CHUNK))
     removed: dict[int, tuple[str, str, float]] = {}
-    i = 0
     try:
-        for block, digests in signature_chunks(texts, cfg):
-            for row, digest in zip(block, digests):
-                key = ids[i]
-                if (dup := index.exact(digest)) is not None:
-                    removed[i] = (dup, "seen" if dup == key else "exact", 1.0)
-                else:
-                    sig = lean(cfg.seed, row)
-                    best, best_sim = None, 0.0
-                    for cand in index.candidates(sig):
-                        cand = cand.decode() if isinstance(cand, bytes) else cand
-                        sim = float(np.count_nonzero(index.signature(cand) == row)) / cfg.num_perm
-                        if sim >= cfg.threshold and (sim > best_sim or (sim == best_sim and cand < best)):
-                            best, best_sim = cand, sim
-                    if best is not None:
-                        removed[i] = (best, "near", best_sim)
-                    else:
-                        index.add(key, digest, row, sig)
-                i += 1
-            log.info("dedupe: %d/%d documents, %d removed (index held %d before)", i, len(texts), len(removed), previous)
+        for start, part in decide(chunks, cfg, index, len(ids) >= PARALLEL_MIN_DOCS):
+            removed |= {start + i: r for i, r in part.items()}
     finally:
         if own:
             index.close(success=True)
@@ -109,27 +129,37 @@ def find_duplicates(ids: list[str], texts: list[str], cfg: DedupeConfig,
 
 
 def build(cfg: DedupeConfig, documents: Path, out: Path, workdir: str | None = None) -> dict:
-    table = pq.read_table(documents)
-    ids, urls, texts = (table.column(c).to_pylist() for c in ("id", "url", "text"))
+    """Stream the documents in chunks; write the kept ones and a removed.parquet that links each
+    removed one to the document it duplicates."""
+    source = pq.ParquetFile(documents)
     index = DedupeIndex(cfg, workdir)
     previous, ok = len(index), False
+    n_in = n_out = 0
+    kinds: Counter = Counter()
+    url_of: dict[str, str] = {}
+    chunks = ((b, b.column("id").to_pylist(), b.column("text").to_pylist())
+              for b in source.iter_batches(batch_size=CHUNK))
     try:
-        removed = find_duplicates(ids, texts, cfg, index)
+        with pq.ParquetWriter(out / "documents.parquet", source.schema_arrow, compression="zstd") as kept_out, \
+             pq.ParquetWriter(out / "removed.parquet", REMOVED_SCHEMA, compression="zstd") as removed_out:
+            for batch, removed in decide(chunks, cfg, index, source.metadata.num_rows >= PARALLEL_MIN_DOCS):
+                ids, urls = batch.column("id").to_pylist(), batch.column("url").to_pylist()
+                keep = np.array([i not in removed for i in range(batch.num_rows)], dtype=bool)
+                url_of.update((k, u) for k, u, kept in zip(ids, urls, keep) if kept)
+                kept_out.write_table(pa.Table.from_batches([batch.filter(pa.array(keep))]))
+                rows = [{"id": ids[i], "url": urls[i], "kind": kind, "duplicate_of": j,
+                         "duplicate_of_url": url_of.get(j, ""), "similarity": sim}
+                        for i, (j, kind, sim) in sorted(removed.items())]
+                removed_out.write_table(pa.Table.from_pylist(rows, schema=REMOVED_SCHEMA))
+                kinds.update(kind for _, kind, _ in removed.values())
+                n_in += batch.num_rows
+                n_out += int(keep.sum())
+                log.info("dedupe: %d documents read, %d kept (index held %d before)", n_in, n_out, previous)
         ok = True
     finally:
         index.close(success=ok)
-    keep = np.array([i not in removed for i in range(len(ids))], dtype=bool)
-    pq.write_table(table.filter(pa.array(keep)), out / "documents.parquet", compression="zstd")
-    url_of = dict(zip(ids, urls))
-    rows = [
-        {"id": ids[i], "url": urls[i], "kind": kind, "duplicate_of": j, "duplicate_of_url": url_of.get(j, ""),
-         "similarity": sim}
-        for i, (j, kind, sim) in sorted(removed.items())
-    ]
-    pq.write_table(pa.Table.from_pylist(rows, schema=REMOVED_SCHEMA), out / "removed.parquet", compression="zstd")
-    kinds = [k for _, k, _ in removed.values()]
-    return {"documents_in": len(ids), "documents_out": int(keep.sum()), "index_before": previous,
-            "removed": {k: kinds.count(k) for k in ("exact", "near", "seen")}}
+    return {"documents_in": n_in, "documents_out": n_out, "index_before": previous,
+            "removed": {k: kinds[k] for k in ("exact", "near", "seen")}}
 
 
 @task(name="dedupe", persist_result=True, cache_policy=stage.CACHE_POLICY)

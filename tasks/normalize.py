@@ -68,39 +68,48 @@ def judge(text: str, cfg: NormalizeConfig) -> tuple[str | None, str, float]:
     return None, lang, prob
 
 
-def build(cfg: NormalizeConfig, documents: Path, out: Path) -> dict:
-    table = pq.read_table(documents)
-    kept, rejected, reasons, pii = [], [], Counter(), Counter()
+def build(cfg: NormalizeConfig, documents: Path, out: Path, batch_rows: int = 1000) -> dict:
+    """Stream documents in batches: memory stays flat however large the corpus is."""
+    source = pq.ParquetFile(documents)
+    schema = source.schema_arrow.append(pa.field("lang", pa.string())).append(pa.field("lang_score", pa.float64()))
+    rejected_schema = schema.append(pa.field("reason", pa.string()))
+    n_in = n_kept = chars = 0
+    reasons, pii = Counter(), Counter()
     examples: dict[str, list[dict]] = {}
-    for row in table.to_pylist():
-        text = clean(row["text"] or "")
-        reason, lang, prob = judge(text, cfg)
-        if cfg.scrub_pii:  # rejected text is kept for inspection, so it is scrubbed too
-            text, found = scrub(text)
-            pii.update(found)
-        row |= {"text": text, "lang": lang, "lang_score": prob}
-        if reason:
-            reasons[reason] += 1
-            rejected.append(row | {"reason": reason})
-            if len(ex := examples.setdefault(reason, [])) < cfg.examples_per_reason:
-                ex.append({"url": row["url"], "text": text[:300]})
-        else:
-            kept.append(row)
-    stats = {"documents_in": table.num_rows, "documents_out": len(kept), "dropped": dict(reasons),
-             "pii_replaced": dict(pii), "chars_out": sum(len(r["text"]) for r in kept), "examples": examples}
-    if not kept:
+    with pq.ParquetWriter(out / "documents.parquet", schema, compression="zstd") as kept_out, \
+         pq.ParquetWriter(out / "rejected.parquet", rejected_schema, compression="zstd") as rejected_out:
+        for batch in source.iter_batches(batch_size=batch_rows):
+            kept, rejected = [], []
+            for row in batch.to_pylist():
+                text = clean(row["text"] or "")
+                reason, lang, prob = judge(text, cfg)
+                if cfg.scrub_pii:  # rejected text is kept for inspection, so it is scrubbed too
+                    text, found = scrub(text)
+                    pii.update(found)
+                row |= {"text": text, "lang": lang, "lang_score": prob}
+                if reason:
+                    reasons[reason] += 1
+                    rejected.append(row | {"reason": reason})
+                    if len(ex := examples.setdefault(reason, [])) < cfg.examples_per_reason:
+                        ex.append({"url": row["url"], "text": text[:300]})
+                else:
+                    kept.append(row)
+                    chars += len(text)
+            n_in += batch.num_rows
+            n_kept += len(kept)
+            kept_out.write_table(pa.Table.from_pylist(kept, schema=schema))
+            rejected_out.write_table(pa.Table.from_pylist(rejected, schema=rejected_schema))
+            log.info("normalize: %d documents read, %d kept", n_in, n_kept)
+    if not n_kept:
         raise EmptyCorpusError(
-            f"normalize dropped all {table.num_rows} documents of {documents}: "
+            f"normalize dropped all {n_in} documents of {documents}: "
             + ", ".join(f"{k}={v}" for k, v in reasons.most_common())
-            + f"; check normalize.languages ({cfg.languages}), min_chars ({cfg.min_chars}) "
-            f"and min_lang_confidence ({cfg.min_lang_confidence})"
+            + f"; check normalize.languages ({cfg.languages}), min_chars ({cfg.min_chars}), "
+            f"min_lang_confidence ({cfg.min_lang_confidence}) and normalize.quality"
         )
-    schema = table.schema.append(pa.field("lang", pa.string())).append(pa.field("lang_score", pa.float64()))
-    pq.write_table(pa.Table.from_pylist(kept, schema=schema), out / "documents.parquet", compression="zstd")
-    pq.write_table(pa.Table.from_pylist(rejected, schema=schema.append(pa.field("reason", pa.string()))),
-                   out / "rejected.parquet", compression="zstd")
-    log.info("normalize: kept %d of %d; dropped %s", len(kept), table.num_rows, dict(reasons))
-    return stats
+    log.info("normalize: kept %d of %d; dropped %s", n_kept, n_in, dict(reasons))
+    return {"documents_in": n_in, "documents_out": n_kept, "dropped": dict(reasons), "pii_replaced": dict(pii),
+            "chars_out": chars, "examples": examples}
 
 
 @task(name="normalize", persist_result=True, cache_policy=stage.CACHE_POLICY)

@@ -26,7 +26,7 @@ import model.gpt
 import model.train
 from tasks import stage, tracking
 from tasks.config import PretrainConfig
-from tasks.reports import publish_counts
+from tasks.reports import flat_counts, publish_counts
 
 log = logging.getLogger("forja.pretrain")
 MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd")
@@ -89,7 +89,8 @@ def loss_curve(metrics_file: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str, out: Path, key: str) -> dict:
+def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str, out: Path, key: str,
+          upstream: list[stage.Manifest] = ()) -> dict:
     ckpt = Path(workdir).resolve() / "checkpoints" / "pretrain" / key
     ckpt.mkdir(parents=True, exist_ok=True)
     spec = train_spec(cfg, tokens, out, ckpt)
@@ -102,6 +103,9 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
         if not run_id:
             mlflow.log_params({f"pretrain.{k}": v for k, v in cfg.model_dump().items()})
             mlflow.log_params({f"model.{k}": v for k, v in spec.model.items()})
+            # The data stages' counts (documents in/out, drops by reason ...) beside the training metrics.
+            mlflow.log_metrics({f"data.{m.stage}.{k}": float(v) for m in [*upstream, tokens]
+                                for k, v in flat_counts(m.stats).items()})
             mlflow.set_tags({"forja.stage.pretrain": key, "forja.stage.tokenize": tokens.key,
                              "prefect.flow_run_id": tracking.prefect_flow_run_id(), **{
                                  f"forja.stage.{s}": k for s, k in tokens.inputs.items()}})
@@ -114,12 +118,13 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
 
 
 @task(name="pretrain", persist_result=True, cache_policy=stage.CACHE_POLICY)
-def pretrain(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str) -> stage.Manifest:
-    """Train a model from scratch on the tokenize stage's shards."""
+def pretrain(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str,
+             upstream: list[stage.Manifest] = ()) -> stage.Manifest:
+    """Train a model from scratch on the tokenize stage's shards (upstream: earlier data stages, for their counts)."""
     import tasks.pretrain as me
 
     code = [me, model.config, model.data, model.generate, model.gpt, model.train]
     m = stage.run_stage("pretrain", cfg, [tokens], workdir,
-                        lambda out, key: build(cfg, tokens, workdir, experiment, out, key), code)
+                        lambda out, key: build(cfg, tokens, workdir, experiment, out, key, upstream), code)
     publish_counts("pretrain", m)
     return m
