@@ -231,7 +231,9 @@ def build(cfg: CrawlConfig, out: Path) -> dict:
             crawl_site(cfg, seeds, counts, docs)
     read_files(cfg, counts, docs)
     if not docs:
-        raise CrawlError(f"the crawl produced no documents ({dict(counts)}); check crawl.seeds and the other sources")
+        hint = ("; the SSRF guard refused a non-public address: set crawl.allow_loopback: true for a server on "
+                "this machine" if counts["refused_non_public_address"] else "; check crawl.seeds and the other sources")
+        raise CrawlError(f"the crawl produced no documents ({dict(counts)}){hint}")
     seen: set[str] = set()
     unique = []
     for d in docs:  # the same URL from two sources: keep the first

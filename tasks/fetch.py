@@ -227,6 +227,8 @@ class Fetcher:
             else:
                 rp.parse(page.body.decode("utf-8", "replace").splitlines())
         except Refused as e:
+            if e.reason == "non_public_address":  # the host itself is refused: say so, per URL
+                raise
             if e.reason == "content_type":  # robots.txt served as something odd: treat as absent
                 rp.allow_all = True
             else:

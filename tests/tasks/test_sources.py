@@ -74,3 +74,41 @@ def test_folders_jsonl_and_warc_feed_the_crawl(tmp_path):
     texts = {r["url"].rsplit("/", 1)[-1]: r["text"] for r in rows}
     assert "backups" in texts["a.html"] and texts["chats.jsonl#t1"] == "Cliente pergunta sobre senha."
     assert all(r["licence"] == "internal" for r in rows)
+
+
+def test_bad_documents_are_set_aside_not_fatal(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "nested.html").write_text("<html><body>" + "<div>" * 20000 + "fundo" + "</div>" * 20000 + "</body></html>")
+    (docs / "one-line.html").write_text("<html><body><p>" + "a" * 6_000_000 + "</p></body></html>")
+    (docs / "latin.txt").write_bytes("texto com acentuação inválida \xff\xfe".encode("latin-1"))
+    (docs / "ok.html").write_text("<html><body><p>Documento bom.</p></body></html>")
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = c.build(CrawlConfig(folders=[str(docs)]), out)
+    urls = {r["url"].rsplit("/", 1)[1] for r in pq.read_table(out / "documents.parquet").to_pylist()}
+    assert "ok.html" in urls and "latin.txt" in urls and "one-line.html" not in urls
+    assert stats["counts"]["set_aside_html_too_large"] == 1
+    total = stats["documents"] + sum(v for k, v in stats["counts"].items() if k.startswith("set_aside"))
+    assert total == 4  # every file is either a document or set aside with a reason
+
+
+def test_seed_list_without_following_links(site, tmp_path):
+    from tasks.sites import serve_folder
+
+    with serve_folder(site) as base:
+        seeds = tmp_path / "seeds.txt"
+        seeds.write_text(f"# pages rendered by JavaScript elsewhere\n{base}/docs/p2.html\n{base}/docs/p5.html\n")
+        out = tmp_path / "out"
+        out.mkdir()
+        c.build(CrawlConfig(seed_files=[str(seeds)], follow_links=False, allow_loopback=True, delay_s=0), out)
+    urls = sorted(r["url"].rsplit("/", 1)[1] for r in pq.read_table(out / "documents.parquet").to_pylist())
+    assert urls == ["p2.html", "p5.html"]
+
+
+def test_loopback_is_refused_unless_allowed(site, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with __import__("pytest").raises(c.CrawlError) as e:
+        c.build(CrawlConfig(serve_dir=str(site), seeds=["{serve}/docs/index.html"], delay_s=0), out)
+    assert "allow_loopback" in str(e.value)
