@@ -35,7 +35,7 @@ DOC_SCHEMA = pa.schema([
     ("title", pa.string()), ("text", pa.string()), ("depth", pa.int32()), ("licence", pa.string()),
 ])
 HTML_TYPES = fetch.HTML_TYPES
-MAX_HTML_CHARS = 5_000_000  # bigger pages are set aside rather than parsed
+MAX_HTML_CHARS = 2_000_000  # bigger pages are set aside: parsing one costs ~50x its size in memory
 
 
 def doc_id(url: str) -> str:
@@ -148,7 +148,42 @@ def read_seed_files(paths: list[str]) -> list[str]:
     return urls
 
 
-def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: list[dict]) -> None:
+class DocumentSink:
+    """Writes documents to Parquet in batches as they come, so a crawl's memory stays flat.
+
+    The same URL from two sources is kept once (the first)."""
+
+    def __init__(self, path: Path, batch: int = 256):
+        self.writer = pq.ParquetWriter(path, DOC_SCHEMA, compression="zstd")
+        self.rows: list[dict] = []
+        self.ids: set[str] = set()
+        self.batch, self.count, self.chars = batch, 0, 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, doc: dict) -> bool:
+        if doc["id"] in self.ids:
+            return False
+        self.ids.add(doc["id"])
+        self.rows.append(doc)
+        self.count += 1
+        self.chars += len(doc["text"])
+        if len(self.rows) >= self.batch:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=DOC_SCHEMA))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: DocumentSink) -> None:
     """Breadth-first walk from seeds within scope, appending documents and counting outcomes."""
     scopes = [(urlsplit(s).netloc, p) for s in seeds for p in (cfg.path_prefixes or [urlsplit(s).path.rsplit("/", 1)[0] + "/"])]
     fetcher = Fetcher(cfg)
@@ -187,7 +222,9 @@ def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: list[d
                                      "body": page.body}, "http", depth, cfg, counts)
             if doc is None:
                 continue
-            docs.append(doc)
+            if not docs.append(doc):  # a redirect landed on a page already crawled
+                counts["duplicate_url"] += 1
+                continue
             counts["fetched"] += 1
             if counts["fetched"] % 10 == 0:
                 log.info("crawl: %d pages fetched, %d queued", counts["fetched"], len(queue))
@@ -201,7 +238,7 @@ def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: list[d
     counts["left_in_queue"] += len(queue)
 
 
-def read_files(cfg: CrawlConfig, counts: Counter, docs: list[dict]) -> None:
+def read_files(cfg: CrawlConfig, counts: Counter, docs: DocumentSink) -> None:
     """Documents from the WARC, folder and JSONL sources."""
     feeds = [("warc", sources.read_warc(Path(p), counts)) for p in cfg.warc]
     feeds += [("folder", sources.read_folder(Path(p), counts)) for p in cfg.folders]
@@ -209,39 +246,29 @@ def read_files(cfg: CrawlConfig, counts: Counter, docs: list[dict]) -> None:
     for source, rows in feeds:
         for raw in rows:
             doc, _ = to_document(raw, source, 0, cfg, counts)
-            if doc is not None:
-                docs.append(doc)
+            if doc is not None and docs.append(doc):
                 counts[f"{source}_documents"] += 1
-
-
-def write_documents(rows: list[dict], path: Path, schema: pa.Schema | None = None) -> None:
-    table = pa.Table.from_pylist(rows, schema=schema) if rows or schema else pa.table({})
-    pq.write_table(table, path, compression="zstd")
 
 
 def build(cfg: CrawlConfig, out: Path) -> dict:
     """Gather every configured source (serving cfg.serve_dir on loopback first, when set)."""
     if any("{serve}" in s for s in cfg.seeds) and not cfg.serve_dir:
         raise CrawlError("crawl.seeds use {serve} but crawl.serve_dir is not set")
-    docs: list[dict] = []
     counts: Counter = Counter()
-    with sites.serve_folder(cfg.serve_dir) if cfg.serve_dir else contextlib.nullcontext("") as base:
-        seeds = [s.replace("{serve}", base) for s in cfg.seeds] + read_seed_files(cfg.seed_files)
-        if seeds:
-            crawl_site(cfg, seeds, counts, docs)
-    read_files(cfg, counts, docs)
-    if not docs:
+    docs = DocumentSink(out / "documents.parquet")
+    try:
+        with sites.serve_folder(cfg.serve_dir) if cfg.serve_dir else contextlib.nullcontext("") as base:
+            seeds = [s.replace("{serve}", base) for s in cfg.seeds] + read_seed_files(cfg.seed_files)
+            if seeds:
+                crawl_site(cfg, seeds, counts, docs)
+        read_files(cfg, counts, docs)
+    finally:
+        docs.close()
+    if not len(docs):
         hint = ("; the SSRF guard refused a non-public address: set crawl.allow_loopback: true for a server on "
                 "this machine" if counts["refused_non_public_address"] else "; check crawl.seeds and the other sources")
         raise CrawlError(f"the crawl produced no documents ({dict(counts)}){hint}")
-    seen: set[str] = set()
-    unique = []
-    for d in docs:  # the same URL from two sources: keep the first
-        if d["id"] not in seen:
-            seen.add(d["id"])
-            unique.append(d)
-    write_documents(unique, out / "documents.parquet", DOC_SCHEMA)
-    return {"documents": len(unique), "counts": dict(counts), "text_chars": sum(len(d["text"]) for d in unique)}
+    return {"documents": len(docs), "counts": dict(counts), "text_chars": docs.chars}
 
 
 @task(name="crawl", persist_result=True, cache_policy=stage.CACHE_POLICY)

@@ -199,17 +199,17 @@ class Fetcher:
         except ValueError as e:
             raise Refused(url, "content_encoding", str(e)) from None
         deadline = time.monotonic() + self.cfg.deadline_s
-        chunks = []
+        body = bytearray()  # grows in place: no list of chunks joined into a second copy
         try:
             for raw in r.iter_raw():  # no chunk size: data as it arrives, so the deadline is checked
-                chunks.append(decoder.feed(raw))
+                body += decoder.feed(raw)
                 if time.monotonic() > deadline:
                     raise Refused(url, "deadline", f"body not complete after {self.cfg.deadline_s:g} s")
         except OverflowError:
             raise Refused(url, "body_too_large", f"over {self.cfg.max_body_bytes} bytes decoded") from None
         except zlib.error as e:
             raise Refused(url, "bad_compression", str(e)) from None
-        return b"".join(chunks)
+        return bytes(body)
 
     def _robots_for(self, url: str) -> urllib.robotparser.RobotFileParser:
         parts = urlsplit(url)
