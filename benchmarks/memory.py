@@ -49,12 +49,12 @@ def child(stage: str, src: str, out: str, redis_url: str) -> None:
     if stage == "normalize":
         from tasks.normalize import build
 
-        build(NormalizeConfig(), Path(src), Path(out))
+        build(NormalizeConfig(), [Path(src)], Path(out))
     else:
         from tasks.dedupe import build
 
         cfg = DedupeConfig(index="redis", redis_url=redis_url) if stage == "dedupe-redis" else DedupeConfig()
-        build(cfg, Path(src), Path(out))
+        build(cfg, [Path(src)], Path(out))
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

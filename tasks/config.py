@@ -45,6 +45,7 @@ class CrawlConfig(Section):
     allow_loopback: bool = Field(False, description="allow 127.0.0.0/8 and ::1 (the SSRF guard refuses them by default)")
     user_agent: str = "forja/0.1 (+https://github.com/forja-llm/forja)"
     licence: str = Field("", description="licence or source note stored with every document")
+    shard_docs: int = Field(5000, ge=1, description="documents per output shard; later stages map over shards")
 
     @model_validator(mode="after")
     def _check(self):

@@ -149,15 +149,16 @@ def read_seed_files(paths: list[str]) -> list[str]:
 
 
 class DocumentSink:
-    """Writes documents to Parquet in batches as they come, so a crawl's memory stays flat.
+    """Writes documents to Parquet shards in batches as they come, so a crawl's memory stays
+    flat; a new shard starts every shard_docs documents. The same URL from two sources is
+    kept once (the first)."""
 
-    The same URL from two sources is kept once (the first)."""
-
-    def __init__(self, path: Path, batch: int = 256):
-        self.writer = pq.ParquetWriter(path, DOC_SCHEMA, compression="zstd")
+    def __init__(self, folder: Path, shard_docs: int, batch: int = 256):
+        self.folder, self.shard_docs = folder, shard_docs
+        self.writer: pq.ParquetWriter | None = None
         self.rows: list[dict] = []
         self.ids: set[str] = set()
-        self.batch, self.count, self.chars = batch, 0, 0
+        self.batch, self.count, self.chars, self.in_shard, self.shard = batch, 0, 0, 0, 0
 
     def __len__(self) -> int:
         return self.count
@@ -168,19 +169,32 @@ class DocumentSink:
         self.ids.add(doc["id"])
         self.rows.append(doc)
         self.count += 1
+        self.in_shard += 1
         self.chars += len(doc["text"])
-        if len(self.rows) >= self.batch:
+        if len(self.rows) >= self.batch or self.in_shard >= self.shard_docs:
             self.flush()
+        if self.in_shard >= self.shard_docs:
+            self._roll()
         return True
 
     def flush(self) -> None:
         if self.rows:
+            if self.writer is None:
+                path = self.folder / stage.shard_name("documents", self.shard)
+                self.writer = pq.ParquetWriter(path, DOC_SCHEMA, compression="zstd")
             self.writer.write_table(pa.Table.from_pylist(self.rows, schema=DOC_SCHEMA))
             self.rows = []
 
+    def _roll(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.shard, self.in_shard = self.shard + 1, 0
+
     def close(self) -> None:
         self.flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: DocumentSink) -> None:
@@ -255,7 +269,7 @@ def build(cfg: CrawlConfig, out: Path) -> dict:
     if any("{serve}" in s for s in cfg.seeds) and not cfg.serve_dir:
         raise CrawlError("crawl.seeds use {serve} but crawl.serve_dir is not set")
     counts: Counter = Counter()
-    docs = DocumentSink(out / "documents.parquet")
+    docs = DocumentSink(out, cfg.shard_docs)
     try:
         with sites.serve_folder(cfg.serve_dir) if cfg.serve_dir else contextlib.nullcontext("") as base:
             seeds = [s.replace("{serve}", base) for s in cfg.seeds] + read_seed_files(cfg.seed_files)

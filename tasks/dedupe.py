@@ -128,25 +128,33 @@ def find_duplicates(ids: list[str], texts: list[str], cfg: DedupeConfig,
     return removed
 
 
-def build(cfg: DedupeConfig, documents: Path, out: Path, workdir: str | None = None) -> dict:
-    """Stream the documents in chunks; write the kept ones and a removed.parquet that links each
-    removed one to the document it duplicates."""
-    source = pq.ParquetFile(documents)
+def build(cfg: DedupeConfig, documents: list[Path], out: Path, workdir: str | None = None) -> dict:
+    """Stream the document shards in order; write each shard's kept documents to the shard of
+    the same number, and removed.parquet linking each removed document to the one it duplicates."""
+    if not documents:
+        raise ValueError("dedupe got no document shards")
+    sources = [pq.ParquetFile(f) for f in documents]
     index = DedupeIndex(cfg, workdir)
     previous, ok = len(index), False
     n_in = n_out = 0
     kinds: Counter = Counter()
     url_of: dict[str, str] = {}
-    chunks = ((b, b.column("id").to_pylist(), b.column("text").to_pylist())
-              for b in source.iter_batches(batch_size=CHUNK))
+    chunks = (((n, b), b.column("id").to_pylist(), b.column("text").to_pylist())
+              for n, src in enumerate(sources) for b in src.iter_batches(batch_size=CHUNK))
+    parallel = sum(src.metadata.num_rows for src in sources) >= PARALLEL_MIN_DOCS
+    writers: dict[int, pq.ParquetWriter] = {}
     try:
-        with pq.ParquetWriter(out / "documents.parquet", source.schema_arrow, compression="zstd") as kept_out, \
-             pq.ParquetWriter(out / "removed.parquet", REMOVED_SCHEMA, compression="zstd") as removed_out:
-            for batch, removed in decide(chunks, cfg, index, source.metadata.num_rows >= PARALLEL_MIN_DOCS):
+        with pq.ParquetWriter(out / "removed.parquet", REMOVED_SCHEMA, compression="zstd") as removed_out:
+            for (n, batch), removed in decide(chunks, cfg, index, parallel):
+                if n not in writers:  # shards arrive in order: close the previous one
+                    for w in writers.values():
+                        w.close()
+                    writers = {n: pq.ParquetWriter(out / stage.shard_name("documents", n), sources[n].schema_arrow,
+                                                   compression="zstd")}
                 ids, urls = batch.column("id").to_pylist(), batch.column("url").to_pylist()
                 keep = np.array([i not in removed for i in range(batch.num_rows)], dtype=bool)
                 url_of.update((k, u) for k, u, kept in zip(ids, urls, keep) if kept)
-                kept_out.write_table(pa.Table.from_batches([batch.filter(pa.array(keep))]))
+                writers[n].write_table(pa.Table.from_batches([batch.filter(pa.array(keep))]))
                 rows = [{"id": ids[i], "url": urls[i], "kind": kind, "duplicate_of": j,
                          "duplicate_of_url": url_of.get(j, ""), "similarity": sim}
                         for i, (j, kind, sim) in sorted(removed.items())]
@@ -157,6 +165,8 @@ def build(cfg: DedupeConfig, documents: Path, out: Path, workdir: str | None = N
                 log.info("dedupe: %d documents read, %d kept (index held %d before)", n_in, n_out, previous)
         ok = True
     finally:
+        for w in writers.values():
+            w.close()
         index.close(success=ok)
     return {"documents_in": n_in, "documents_out": n_out, "index_before": previous,
             "removed": {k: kinds[k] for k in ("exact", "near", "seen")}}
@@ -170,7 +180,7 @@ def dedupe(cfg: DedupeConfig, crawled: stage.Manifest, workdir: str) -> stage.Ma
     import tasks.minhash
 
     m = stage.run_stage("dedupe", cfg, [crawled], workdir,
-                        lambda out, key: build(cfg, crawled.path("documents.parquet"), out, workdir),
+                        lambda out, key: build(cfg, stage.shards(crawled.folder), out, workdir),
                         [me, tasks.minhash, tasks.dedupe_index])
     publish_counts("dedupe", m)
     return m

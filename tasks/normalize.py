@@ -68,16 +68,16 @@ def judge(text: str, cfg: NormalizeConfig) -> tuple[str | None, str, float]:
     return None, lang, prob
 
 
-def build(cfg: NormalizeConfig, documents: Path, out: Path, batch_rows: int = 1000) -> dict:
-    """Stream documents in batches: memory stays flat however large the corpus is."""
+def build_shard(cfg: NormalizeConfig, documents: Path, out: Path, index: int, batch_rows: int = 1000) -> dict:
+    """Normalize one shard in batches into documents-<index> and rejected-<index>; its counts."""
     source = pq.ParquetFile(documents)
     schema = source.schema_arrow.append(pa.field("lang", pa.string())).append(pa.field("lang_score", pa.float64()))
     rejected_schema = schema.append(pa.field("reason", pa.string()))
     n_in = n_kept = chars = 0
     reasons, pii = Counter(), Counter()
     examples: dict[str, list[dict]] = {}
-    with pq.ParquetWriter(out / "documents.parquet", schema, compression="zstd") as kept_out, \
-         pq.ParquetWriter(out / "rejected.parquet", rejected_schema, compression="zstd") as rejected_out:
+    with pq.ParquetWriter(out / stage.shard_name("documents", index), schema, compression="zstd") as kept_out, \
+         pq.ParquetWriter(out / stage.shard_name("rejected", index), rejected_schema, compression="zstd") as rejected_out:
         for batch in source.iter_batches(batch_size=batch_rows):
             kept, rejected = [], []
             for row in batch.to_pylist():
@@ -99,17 +99,55 @@ def build(cfg: NormalizeConfig, documents: Path, out: Path, batch_rows: int = 10
             n_kept += len(kept)
             kept_out.write_table(pa.Table.from_pylist(kept, schema=schema))
             rejected_out.write_table(pa.Table.from_pylist(rejected, schema=rejected_schema))
-            log.info("normalize: %d documents read, %d kept", n_in, n_kept)
-    if not n_kept:
+    log.info("normalize: shard %d: kept %d of %d", index, n_kept, n_in)
+    return {"documents_in": n_in, "documents_out": n_kept, "dropped": dict(reasons), "pii_replaced": dict(pii),
+            "chars_out": chars, "examples": examples}
+
+
+def combine(parts: list[dict], examples_per_reason: int) -> dict:
+    """Add up the shards' counts; keep the first examples of each reason in shard order."""
+    total = {"documents_in": 0, "documents_out": 0, "chars_out": 0, "shards": len(parts)}
+    reasons, pii = Counter(), Counter()
+    examples: dict[str, list[dict]] = {}
+    for p in parts:
+        for k in ("documents_in", "documents_out", "chars_out"):
+            total[k] += p[k]
+        reasons.update(p["dropped"])
+        pii.update(p["pii_replaced"])
+        for reason, ex in p["examples"].items():
+            examples.setdefault(reason, []).extend(ex)
+    return total | {"dropped": dict(reasons), "pii_replaced": dict(pii),
+                    "examples": {r: ex[:examples_per_reason] for r, ex in examples.items()}}
+
+
+def build(cfg: NormalizeConfig, documents: list[Path], out: Path, mapper=None) -> dict:
+    """Normalize every shard (through mapper, e.g. a Prefect map, when given) and combine the counts."""
+    if not documents:
+        raise ValueError("normalize got no document shards")
+    jobs = [(cfg, path, out, i) for i, path in enumerate(documents)]
+    parts = mapper(jobs) if mapper else [build_shard(*job) for job in jobs]
+    stats = combine(parts, cfg.examples_per_reason)
+    if not stats["documents_out"]:
         raise EmptyCorpusError(
-            f"normalize dropped all {n_in} documents of {documents}: "
-            + ", ".join(f"{k}={v}" for k, v in reasons.most_common())
+            f"normalize dropped all {stats['documents_in']} documents of {documents[0].parent}: "
+            + ", ".join(f"{k}={v}" for k, v in Counter(stats["dropped"]).most_common())
             + f"; check normalize.languages ({cfg.languages}), min_chars ({cfg.min_chars}), "
             f"min_lang_confidence ({cfg.min_lang_confidence}) and normalize.quality"
         )
-    log.info("normalize: kept %d of %d; dropped %s", n_kept, n_in, dict(reasons))
-    return {"documents_in": n_in, "documents_out": n_kept, "dropped": dict(reasons), "pii_replaced": dict(pii),
-            "chars_out": chars, "examples": examples}
+    log.info("normalize: kept %d of %d; dropped %s", stats["documents_out"], stats["documents_in"], stats["dropped"])
+    return stats
+
+
+@task(name="normalize-shard")
+def normalize_shard(cfg: NormalizeConfig, documents: Path, out: Path, index: int) -> dict:
+    """One shard of the normalize stage (mapped by the normalize task; counts only, no data)."""
+    return build_shard(cfg, documents, out, index)
+
+
+def _prefect_map(jobs: list[tuple]) -> list[dict]:
+    language("warm up the language profiles once", 0)  # loads langdetect's shared factory
+    futures = normalize_shard.map(*[list(col) for col in zip(*jobs)])
+    return [f.result() for f in futures]
 
 
 @task(name="normalize", persist_result=True, cache_policy=stage.CACHE_POLICY)
@@ -120,7 +158,7 @@ def normalize(cfg: NormalizeConfig, deduped: stage.Manifest, workdir: str) -> st
     import tasks.quality
 
     m = stage.run_stage("normalize", cfg, [deduped], workdir,
-                        lambda out, key: build(cfg, deduped.path("documents.parquet"), out),
+                        lambda out, key: build(cfg, stage.shards(deduped.folder), out, _prefect_map),
                         [me, tasks.pii, tasks.quality])
     publish_counts("normalize", m)
     return m

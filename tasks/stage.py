@@ -51,6 +51,15 @@ class Manifest(BaseModel):
         return [self.path(f.path) for f in self.files if f.path.startswith(prefix)]
 
 
+def shards(folder: str | Path, prefix: str = "documents") -> list[Path]:
+    """A stage folder's data shards, in order: <prefix>-00000.parquet, <prefix>-00001.parquet, ..."""
+    return sorted(Path(folder).glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9].parquet"))
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:05d}.parquet"
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -74,14 +74,14 @@ def preview(tok: Tokenizer, text: str, limit: int = 400) -> str:
     return "|".join(text[a:b] for a, b in enc.offsets) + "\n"
 
 
-def build(cfg: TokenizeConfig, documents: Path, out: Path) -> dict:
-    texts = pq.read_table(documents, columns=["text"]).column("text").to_pylist()
+def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
+    texts = [t for f in documents for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
     val = [t for t in texts if is_validation(t, cfg.val_fraction, cfg.seed)]
     train = [t for t in texts if not is_validation(t, cfg.val_fraction, cfg.seed)]
     if not val:  # tiny corpora: still hold one document out
         val, train = train[-1:], train[:-1]
     if not train:
-        raise ValueError(f"{documents} has {len(texts)} document(s): too few to split into train and validation")
+        raise ValueError(f"{len(texts)} document(s) in the normalize output: too few to split into train and validation")
     log.info("tokenize: training BPE (vocab %d) on %d documents", cfg.vocab_size, len(train))
     tok = train_tokenizer(train, cfg)
     tok.save(str(out / "tokenizer.json"))
@@ -111,6 +111,6 @@ def tokenize(cfg: TokenizeConfig, normalized: stage.Manifest, workdir: str) -> s
     import tasks.tokenization as me
 
     m = stage.run_stage("tokenize", cfg, [normalized], workdir,
-                        lambda out, key: build(cfg, normalized.path("documents.parquet"), out), [me])
+                        lambda out, key: build(cfg, stage.shards(normalized.folder), out), [me])
     publish_counts("tokenize", m)
     return m

@@ -21,6 +21,7 @@ def config_file(site, tmp_path):
     cfg = {
         "name": "test",
         "crawl": {"serve_dir": str(site), "seeds": ["{serve}/docs/index.html"], "delay_s": 0, "retries": 1,
+                  "shard_docs": 4,  # several shards: normalize maps over them
                   "allow_loopback": True},
         "dedupe": {"threshold": 0.7},
         "normalize": {"min_chars": 100},
@@ -43,7 +44,9 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, con
     workdir = str(tmp_path / "work")
     state = pipeline(config_path=str(config_file), workdir=workdir, return_state=True)
     first = state.result()
-    assert set(task_states(state.state_details.flow_run_id).values()) == {"Completed"}
+    states = task_states(state.state_details.flow_run_id)
+    assert set(states.values()) == {"Completed"}
+    assert "normalize-shard" in states  # normalize mapped over the crawl's shards
     for s in STAGES:
         assert (tmp_path / "work" / "artifacts" / s).is_dir()
         (folder,) = [p for p in (tmp_path / "work" / "artifacts" / s).iterdir() if not p.name.startswith(".")]
@@ -52,7 +55,7 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, con
 
     # Same config again: every stage is a Prefect cache hit and nothing is rebuilt.
     state2 = pipeline(config_path=str(config_file), workdir=workdir, return_state=True)
-    assert task_states(state2.state_details.flow_run_id) == {s: "Cached" for s in STAGES}
+    assert task_states(state2.state_details.flow_run_id) == {s: "Cached" for s in STAGES}  # no shard work either
     assert state2.result() == first
 
     # The registered version loads by alias and generates text for a table of prompts.

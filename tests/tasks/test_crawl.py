@@ -7,6 +7,7 @@ import pytest
 from tasks import crawl as c
 from tasks.config import CrawlConfig
 from tasks.sites import serve_folder
+from tests.fixtures.docs import read_docs
 
 
 def cfg(**kw):
@@ -17,7 +18,7 @@ def cfg(**kw):
 
 def test_crawls_in_scope_pages_over_http_and_honours_robots(site, tmp_path):
     stats = c.build(cfg(serve_dir=str(site)), tmp_path)
-    docs = pq.read_table(tmp_path / "documents.parquet").to_pylist()
+    docs = read_docs(tmp_path).to_pylist()
     paths = {d["url"].split("/", 3)[3] for d in docs}
     assert "docs/p3.html" in paths and "docs/english.html" in paths
     assert "docs/privado/segredo.html" not in paths  # robots.txt disallows it
@@ -28,7 +29,7 @@ def test_crawls_in_scope_pages_over_http_and_honours_robots(site, tmp_path):
 
 def test_iso_8859_1_declared_in_meta_is_decoded(site, tmp_path):
     c.build(cfg(serve_dir=str(site)), tmp_path)
-    docs = {d["url"].rsplit("/", 1)[1]: d for d in pq.read_table(tmp_path / "documents.parquet").to_pylist()}
+    docs = {d["url"].rsplit("/", 1)[1]: d for d in read_docs(tmp_path).to_pylist()}
     assert docs["p1.html"]["encoding"] == "cp1252"
     assert "sistema operacional" in docs["p1.html"]["text"]
     assert "é" in docs["p1.html"]["text"] and "Ã" not in docs["p1.html"]["text"]
@@ -37,9 +38,9 @@ def test_iso_8859_1_declared_in_meta_is_decoded(site, tmp_path):
 
 def test_depth_and_page_limits(site, tmp_path):
     c.build(cfg(serve_dir=str(site), max_depth=0), tmp_path)
-    assert pq.read_table(tmp_path / "documents.parquet").num_rows == 1
+    assert read_docs(tmp_path).num_rows == 1
     c.build(cfg(serve_dir=str(site), max_pages=3), tmp_path)
-    assert pq.read_table(tmp_path / "documents.parquet").num_rows == 3
+    assert read_docs(tmp_path).num_rows == 3
 
 
 def test_unreachable_seed_fails_naming_the_url(tmp_path):
@@ -92,3 +93,10 @@ def test_serve_folder_sends_html_without_charset(site):
     with serve_folder(site) as base:
         r = httpx.get(base + "/docs/index.html")
     assert r.headers["content-type"] == "text/html"
+
+
+def test_documents_are_written_in_shards(site, tmp_path):
+    stats = c.build(cfg(serve_dir=str(site), shard_docs=4), tmp_path)
+    files = sorted(p.name for p in tmp_path.glob("documents-*.parquet"))
+    assert files == [f"documents-0000{i}.parquet" for i in range(len(files))] and len(files) >= 3
+    assert sum(pq.read_table(tmp_path / f).num_rows for f in files) == stats["documents"]

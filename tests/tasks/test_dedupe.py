@@ -4,6 +4,7 @@ import pyarrow.parquet as pq
 from tasks import dedupe as d
 from tasks.config import DedupeConfig
 from tests.fixtures.site import SENTENCES
+from tests.fixtures.docs import read_docs
 
 
 def corpus():
@@ -19,8 +20,8 @@ def test_planted_near_duplicate_is_removed_and_linked(tmp_path):
     ids, texts = corpus()
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": ids, "url": [f"http://x/{i}" for i in ids], "text": texts}), src)
-    stats = d.build(DedupeConfig(threshold=0.7), src, tmp_path)
-    kept = pq.read_table(tmp_path / "documents.parquet").column("id").to_pylist()
+    stats = d.build(DedupeConfig(threshold=0.7), [src], tmp_path)
+    kept = read_docs(tmp_path).column("id").to_pylist()
     removed = {r["id"]: r for r in pq.read_table(tmp_path / "removed.parquet").to_pylist()}
     assert kept == ["a", "b", "c"]
     assert removed["near"]["duplicate_of"] == "a" and removed["near"]["kind"] == "near"
@@ -107,9 +108,9 @@ def incremental(tmp_path, cfg):
     out1, out2 = tmp_path / "o1", tmp_path / "o2"
     out1.mkdir()
     out2.mkdir()
-    d.build(cfg, first, out1, str(tmp_path))
-    stats = d.build(cfg, second, out2, str(tmp_path))
-    kept = pq.read_table(out2 / "documents.parquet").column("id").to_pylist()
+    d.build(cfg, [first], out1, str(tmp_path))
+    stats = d.build(cfg, [second], out2, str(tmp_path))
+    kept = read_docs(out2).column("id").to_pylist()
     removed = {r["id"]: (r["kind"], r["duplicate_of"]) for r in pq.read_table(out2 / "removed.parquet").to_pylist()}
     return kept, removed, stats
 
@@ -125,3 +126,16 @@ def test_incremental_refresh_adds_only_new_documents_redis(tmp_path, redis_url):
     kept, removed, stats = incremental(tmp_path, cfg)
     assert kept == ["c"] and removed == {"a": ("seen", "a"), "near": ("near", "a")}
     assert stats["index_before"] == 2
+
+
+def test_shards_are_deduplicated_against_each_other_and_keep_their_numbers(tmp_path):
+    ids, texts = corpus()
+    a, b = tmp_path / "documents-00000.parquet", tmp_path / "documents-00001.parquet"
+    pq.write_table(pa.table({"id": ids[:3], "url": [f"http://x/{i}" for i in ids[:3]], "text": texts[:3]}), a)
+    pq.write_table(pa.table({"id": ids[3:], "url": [f"http://x/{i}" for i in ids[3:]], "text": texts[3:]}), b)
+    out = tmp_path / "out"
+    out.mkdir()
+    d.build(DedupeConfig(threshold=0.7), [a, b], out)
+    assert pq.read_table(out / "documents-00001.parquet").column("id").to_pylist() == ["c"]
+    removed = {r["id"]: r["duplicate_of"] for r in pq.read_table(out / "removed.parquet").to_pylist()}
+    assert removed == {"near": "a", "exact": "b"}  # "exact" in shard 1 duplicates "b" in shard 0

@@ -5,6 +5,7 @@ import pytest
 from tasks import normalize as n
 from tasks.config import NormalizeConfig
 from tests.fixtures.site import ENGLISH, SENTENCES
+from tests.fixtures.docs import read_docs
 
 PT = " ".join(SENTENCES[:8])
 
@@ -31,9 +32,9 @@ def test_navigation_lines_and_extra_whitespace_go():
 def test_english_page_is_dropped_with_reason_language(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    stats = n.build(NormalizeConfig(), write(tmp_path, [PT, ENGLISH, "curto"]), out)
-    kept = pq.read_table(out / "documents.parquet").to_pylist()
-    rejected = {r["id"]: r["reason"] for r in pq.read_table(out / "rejected.parquet").to_pylist()}
+    stats = n.build(NormalizeConfig(), [write(tmp_path, [PT, ENGLISH, "curto"])], out)
+    kept = read_docs(out).to_pylist()
+    rejected = {r["id"]: r["reason"] for r in read_docs(out, "rejected").to_pylist()}
     assert [k["id"] for k in kept] == ["d0"] and kept[0]["lang"] == "pt"
     assert rejected == {"d1": "language", "d2": "too_short"}
     assert stats["dropped"] == {"language": 1, "too_short": 1}
@@ -48,14 +49,14 @@ def test_empty_corpus_fails_with_counts_by_reason(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(n.EmptyCorpusError, match=r"language=1.*too_short=1|too_short=1.*language=1"):
-        n.build(NormalizeConfig(), write(tmp_path, [ENGLISH, "curto"]), out)
+        n.build(NormalizeConfig(), [write(tmp_path, [ENGLISH, "curto"])], out)
 
 
 def test_quality_rules_drop_repetitive_pages_with_a_reason_and_examples(tmp_path):
     spam = "\n".join(["Compre agora o melhor produto da loja com desconto especial hoje."] * 12)
     out = tmp_path / "out"
     out.mkdir()
-    stats = n.build(NormalizeConfig(), write(tmp_path, [PT, spam]), out)
+    stats = n.build(NormalizeConfig(), [write(tmp_path, [PT, spam])], out)
     assert stats["dropped"] == {"quality:repeated_lines": 1}
     assert stats["examples"]["quality:repeated_lines"][0]["url"] == "http://x/d1"
     assert stats["documents_in"] == stats["documents_out"] + sum(stats["dropped"].values())
@@ -65,8 +66,8 @@ def test_pii_is_scrubbed_from_kept_text_and_counted(tmp_path):
     text = PT + " Contato: maria.souza@empresa.com.br ou (11) 98765-4321, CPF 529.982.247-25."
     out = tmp_path / "out"
     out.mkdir()
-    stats = n.build(NormalizeConfig(), write(tmp_path, [text]), out)
-    (kept,) = pq.read_table(out / "documents.parquet").to_pylist()
+    stats = n.build(NormalizeConfig(), [write(tmp_path, [text])], out)
+    (kept,) = read_docs(out).to_pylist()
     assert "<EMAIL>" in kept["text"] and "<PHONE>" in kept["text"] and "<CPF>" in kept["text"]
     assert "maria" not in kept["text"] and "98765" not in kept["text"]
     assert stats["pii_replaced"] == {"EMAIL": 1, "PHONE": 1, "CPF": 1}

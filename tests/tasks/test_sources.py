@@ -9,6 +9,7 @@ from warcio.warcwriter import WARCWriter
 from tasks import crawl as c
 from tasks import sources
 from tasks.config import CrawlConfig
+from tests.fixtures.docs import read_docs
 
 
 def write_warc(path, gzip=True, corrupt_after=None):
@@ -67,7 +68,7 @@ def test_folders_jsonl_and_warc_feed_the_crawl(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     stats = c.build(cfg, out)
-    rows = pq.read_table(out / "documents.parquet").to_pylist()
+    rows = read_docs(out).to_pylist()
     by_source = Counter(r["source"] for r in rows)
     assert by_source == {"folder": 3, "jsonl": 2, "warc": 2}
     assert stats["counts"]["jsonl_bad_line"] == 1 and stats["counts"]["folder_unsupported_type"] == 1
@@ -86,7 +87,7 @@ def test_bad_documents_are_set_aside_not_fatal(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     stats = c.build(CrawlConfig(folders=[str(docs)]), out)
-    urls = {r["url"].rsplit("/", 1)[1] for r in pq.read_table(out / "documents.parquet").to_pylist()}
+    urls = {r["url"].rsplit("/", 1)[1] for r in read_docs(out).to_pylist()}
     assert "ok.html" in urls and "latin.txt" in urls and "one-line.html" not in urls
     assert stats["counts"]["set_aside_html_too_large"] == 1
     total = stats["documents"] + sum(v for k, v in stats["counts"].items() if k.startswith("set_aside"))
@@ -102,7 +103,7 @@ def test_seed_list_without_following_links(site, tmp_path):
         out = tmp_path / "out"
         out.mkdir()
         c.build(CrawlConfig(seed_files=[str(seeds)], follow_links=False, allow_loopback=True, delay_s=0), out)
-    urls = sorted(r["url"].rsplit("/", 1)[1] for r in pq.read_table(out / "documents.parquet").to_pylist())
+    urls = sorted(r["url"].rsplit("/", 1)[1] for r in read_docs(out).to_pylist())
     assert urls == ["p2.html", "p5.html"]
 
 

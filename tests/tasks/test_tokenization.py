@@ -27,7 +27,7 @@ def test_tokenizer_round_trips_text_exactly(tmp_path):
 
 def test_shards_hold_the_rows_and_checksums_the_manifest_says(tmp_path):
     src, texts = corpus_file(tmp_path)
-    m = stage.run_stage("tokenize", CFG, [], tmp_path, lambda out, key: t.build(CFG, src, out), [t])
+    m = stage.run_stage("tokenize", CFG, [], tmp_path, lambda out, key: t.build(CFG, [src], out), [t])
     for f in m.files:
         assert stage.sha256_file(m.path(f.path)) == f.sha256
         assert m.path(f.path).stat().st_size == f.bytes
