@@ -35,6 +35,8 @@ class Hostile(BaseHTTPRequestHandler):
         p = self.path
         if p == "/robots.txt":
             self.send(ROBOTS["status"], ROBOTS["body"], "text/plain")
+        elif p == "/links.html":
+            self.send(200, b'<html><body><p>links</p><a href="/ok.html">ok</a> <a href="/private/x.html">x</a></body></html>')
         elif p == "/ok.html" or p.startswith("/private/"):
             self.send(200, b"<html><body><p>ok</p></body></html>")
         elif p == "/flaky.html":
@@ -190,8 +192,36 @@ def test_robots_rules_and_crawl_delay(base):
     f = fetcher()
     assert f.allowed(base + "/ok.html") and not f.allowed(base + "/private/x.html")
     assert f.delay_for(base + "/ok.html") == 2  # the larger of Crawl-delay and crawl.delay_s
-    before = HITS["/private/x.html"]
-    assert HITS["/private/x.html"] == before  # never requested
+
+
+def test_a_crawl_never_requests_what_robots_disallows(base, tmp_path):
+    from collections import Counter as C
+
+    from tasks.crawl import DocumentSink, crawl_site
+
+    ROBOTS.update(body=b"User-agent: *\nDisallow: /private/\n")
+    try:
+        sink = DocumentSink(tmp_path, 100)
+        counts = C()
+        crawl_site(fetcher().cfg, [base + "/links.html"], counts, sink)
+        sink.close()
+    finally:
+        ROBOTS.update(body=b"User-agent: *\nDisallow: /private/\nCrawl-delay: 2\n")
+    assert HITS["/private/x.html"] == 0 and HITS["/ok.html"] >= 1
+    assert counts["skipped_robots"] == 1 and counts["fetched"] == 2
+
+
+def test_robots_is_cached_at_most_a_day(base):
+    f = fetcher()
+    before = HITS["/robots.txt"]
+    f.allowed(base + "/ok.html")
+    f.allowed(base + "/ok.html")
+    assert HITS["/robots.txt"] == before + 1  # cached
+    origin = next(iter(f.robots))
+    fetched_at, rp = f.robots[origin]
+    f.robots[origin] = (fetched_at - 24 * 3600 - 1, rp)  # a day later
+    f.allowed(base + "/ok.html")
+    assert HITS["/robots.txt"] == before + 2
 
 
 def test_robots_5xx_skips_the_host_and_404_allows_all(base):
