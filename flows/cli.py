@@ -71,9 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     prepare_env(workdir)
 
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")  # see model/serving.py
     from tasks.config import ConfigError, load_config
 
     try:

@@ -8,15 +8,15 @@ from __future__ import annotations
 import os
 import warnings
 
-# MLflow suggests type hints on every PythonModel subclass it sees, its own included, from
-# the moment mlflow.pyfunc is imported; forja declares the signature when logging instead.
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from model.generate import generate_text, load_folder
+
+
+# Prompts arrive as a table; signature and input checks are declared when logging.
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-
-import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow.pyfunc import PythonModel  # noqa: E402
-
-from model.generate import generate_text, load_folder  # noqa: E402
 
 
 class ForjaLM(PythonModel):
