@@ -6,17 +6,12 @@ unpickling an object, and the weights come from safetensors.
 from __future__ import annotations
 
 import os
-import warnings
 
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from model.generate import generate_text, load_folder
-
-
-# Prompts arrive as a table; signature and input checks are declared when logging.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 class ForjaLM(PythonModel):

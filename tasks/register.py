@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -25,8 +24,6 @@ from tasks.config import RegisterConfig
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.register")
-# MLflow suggests type hints on predict(); forja declares the signature explicitly instead.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt")]),
