@@ -110,6 +110,50 @@ def build_engine(model: GPT, spec: TrainSpec):
     return engine, device
 
 
+class GradWatch:
+    """Finds the first parameter, in backward order, whose gradient is NaN or inf.
+
+    The hooks only queue a finiteness flag per gradient (no host sync on a GPU); the flags
+    are read when the global gradient norm says something went wrong.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.flags: list[tuple[str, torch.Tensor]] = []
+        self.handles = [p.register_hook(self._hook(n)) for n, p in model.named_parameters() if p.requires_grad]
+
+    def _hook(self, name: str):
+        def record(grad: torch.Tensor) -> None:
+            self.flags.append((name, torch.isfinite(grad).all()))
+        return record
+
+    @property
+    def first(self) -> str | None:
+        return next((name for name, ok in self.flags if not bool(ok)), None)
+
+    def reset(self) -> None:
+        self.flags.clear()
+
+
+@torch.no_grad()
+def first_nonfinite_module(model: torch.nn.Module, x: torch.Tensor) -> str | None:
+    """Rerun the forward pass on x and name the first module whose output is NaN or inf."""
+    found: list[str] = []
+
+    def hook(name):
+        def check(_mod, _inp, out):
+            if not found and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not list(m.children())]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
 def grad_norm(model: torch.nn.Module) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -182,6 +226,7 @@ def train(spec: TrainSpec) -> dict:
 
     sink = MetricSink(out_dir / "metrics.jsonl")
     tokens_per_step = spec.micro_batch_size * spec.grad_accum_steps * world * cfg.block_size
+    watch = GradWatch(engine.module)
     t0, last_t, last_step = time.time(), time.time(), start
     train_loss = val_loss = float("nan")
     for step in range(start, spec.max_steps):
@@ -194,9 +239,17 @@ def train(spec: TrainSpec) -> dict:
             if micro == spec.grad_accum_steps - 1:
                 gnorm = grad_norm(engine.module)
                 lr = engine.get_lr()[0]
+                if not (math.isfinite(gnorm) and math.isfinite(loss_acc)):
+                    # Stop before the optimizer applies it; keep the last good state to inspect.
+                    where = (f"first non-finite output in {first_nonfinite_module(engine.module, x)}"
+                             if not math.isfinite(loss_acc) else f"first non-finite gradient in {watch.first}")
+                    engine.save_checkpoint(str(ckpt_dir), tag=f"nonfinite-step-{step}", client_state={"step": step})
+                    raise FloatingPointError(
+                        f"step {step}: loss {loss_acc:.4g}, {where}; checkpoint saved as "
+                        f"{ckpt_dir}/nonfinite-step-{step}. Lower pretrain.lr or raise warmup_steps"
+                    )
             engine.step()
-        if not math.isfinite(loss_acc):
-            raise FloatingPointError(f"loss became {loss_acc} at step {step}; lower pretrain.lr")
+        watch.reset()
         train_loss, done = loss_acc, step + 1
         if done % spec.log_every == 0 or done == spec.max_steps:
             now = time.time()

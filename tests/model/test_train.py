@@ -71,3 +71,29 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_nonfinite_gradient_stops_cleanly_naming_the_layer(tmp_path, dist_env, monkeypatch):
+    s = spec(tmp_path, max_steps=4)
+    real_init = GPT.__init__
+
+    def poisoned(self, cfg):
+        real_init(self, cfg)
+        with torch.no_grad():
+            self.blocks[1].mlp.down.weight[0, 0] = float("inf")  # poisons the forward from block 1 on
+
+    monkeypatch.setattr(tr.GPT, "__init__", poisoned)
+    with pytest.raises(FloatingPointError) as e:
+        tr.train(s)
+    assert "step 0" in str(e.value) and "non-finite output in blocks.1.mlp.down" in str(e.value)
+    assert (tmp_path / "ckpt" / "nonfinite-step-0").is_dir()
+
+
+def test_gradient_overflow_names_the_first_parameter_in_backward_order():
+    model = GPT(ModelConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_kv_head=2, n_embd=16))
+    model.blocks[0].mlp.down.weight.register_hook(lambda g: g * float("inf"))  # runs before the watch's hook
+    watch = tr.GradWatch(model)
+    x = torch.randint(0, 50, (2, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    assert watch.first == "blocks.0.mlp.down.weight"
