@@ -109,6 +109,8 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
             mlflow.set_tags({"forja.stage.pretrain": key, "forja.stage.tokenize": tokens.key,
                              "prefect.flow_run_id": tracking.prefect_flow_run_id(), **{
                                  f"forja.stage.{s}": k for s, k in tokens.inputs.items()}})
+        if tokens.path("tokens.html").exists():
+            mlflow.log_artifact(str(tokens.path("tokens.html")), "tokenizer")
         run_training(out / "spec.json", child_env(run.info.run_id, cfg.threads))
         loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
         mlflow.log_artifact(str(out / "loss_curve.png"))

@@ -74,6 +74,35 @@ def preview(tok: Tokenizer, text: str, limit: int = 400) -> str:
     return "|".join(text[a:b] for a, b in enc.offsets) + "\n"
 
 
+_COLOURS = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d7f2e3")
+
+
+def token_html(tok: Tokenizer, text: str, limit: int = 1200) -> str:
+    """An HTML page colouring each token's span of a paragraph; hovering shows its id."""
+    import html
+
+    text = text[:limit]
+    enc = tok.encode(text)
+    spans = [
+        f'<span style="background:{_COLOURS[i % len(_COLOURS)]}" title="id {tid}">{html.escape(text[a:b])}</span>'
+        for i, (tid, (a, b)) in enumerate(zip(enc.ids, enc.offsets))
+    ]
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>forja tokens</title></head>"
+            "<body style='font-family:monospace;white-space:pre-wrap;line-height:1.8'>"
+            f"<p>{len(enc.ids)} tokens for {len(text.encode())} bytes "
+            f"({len(text.encode()) / max(len(enc.ids), 1):.2f} bytes/token); each colour is one token.</p>"
+            + "".join(spans) + "</body></html>\n")
+
+
+def vocabulary_report(tok: Tokenizer, texts: list[str]) -> dict:
+    """How well the vocabulary fits held-out text: bytes per token and the share of it used."""
+    ids = [i for enc in tok.encode_batch(texts) for i in enc.ids]
+    n_bytes = sum(len(t.encode()) for t in texts)
+    used = len(set(ids))
+    return {"val_bytes_per_token_text": n_bytes / max(len(ids), 1), "vocab_used": used,
+            "vocab_used_fraction": used / tok.get_vocab_size()}
+
+
 def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
     texts = [t for f in documents for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
     val = [t for t in texts if is_validation(t, cfg.val_fraction, cfg.seed)]
@@ -95,6 +124,7 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
     write_shards(train_rows, out, "train", cfg.shard_rows, vocab)
     write_shards(val_rows, out, "val", cfg.shard_rows, vocab)
     (out / "preview.txt").write_text(preview(tok, val[0]))
+    (out / "tokens.html").write_text(token_html(tok, val[0]), encoding="utf-8")
     val_tokens = sum(len(e.ids) + 1 for e in tok.encode_batch(val))
     val_bytes = sum(len(t.encode()) + 1 for t in val)
     return {
@@ -102,6 +132,7 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
         "rows": {"train": len(train_rows), "val": len(val_rows)},
         "tokens": {"train": int(train_rows.shape[0] * cfg.seq_len), "val": int(val_rows.shape[0] * cfg.seq_len)},
         "val_bytes_per_token": val_bytes / val_tokens,
+        **vocabulary_report(tok, val),
     }
 
 
@@ -113,4 +144,16 @@ def tokenize(cfg: TokenizeConfig, normalized: stage.Manifest, workdir: str) -> s
     m = stage.run_stage("tokenize", cfg, [normalized], workdir,
                         lambda out, key: build(cfg, stage.shards(normalized.folder), out), [me])
     publish_counts("tokenize", m)
+    publish_tokens(m)
     return m
+
+
+def publish_tokens(m: stage.Manifest) -> None:
+    """The token visualisation in the Prefect UI (the same HTML is logged to MLflow by pretrain)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        create_markdown_artifact(key="tokenize-tokens", markdown=m.path("tokens.html").read_text(encoding="utf-8"),
+                                 description=f"token boundaries of a validation paragraph ({m.key})")
+    except Exception as e:  # a view; never fail the stage over it
+        log.warning("could not publish the token visualisation: %s", e)

@@ -46,3 +46,12 @@ def test_packing_overlaps_rows_by_one_token(tmp_path):
     assert rows.shape[1] == 17
     assert (rows[1:, 0] == rows[:-1, -1]).all()  # each row's last token starts the next
     assert (rows == tok.token_to_id(t.EOT)).sum() >= len(texts) - 1
+
+
+def test_vocabulary_report_and_token_page(tmp_path):
+    src, texts = corpus_file(tmp_path)
+    m = stage.run_stage("tokenize", CFG, [], tmp_path, lambda out, key: t.build(CFG, [src], out), [t])
+    assert 1.0 < m.stats["val_bytes_per_token_text"] < 10
+    assert 0 < m.stats["vocab_used_fraction"] <= 1
+    page = m.path("tokens.html").read_text(encoding="utf-8")
+    assert page.count("<span") > 10 and "bytes/token" in page
