@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
-from model.data import Batches, eval_batches, read_rows
+from model.data import Batches, eval_batches, open_rows
 from model.gpt import GPT
 
 log = logging.getLogger("forja.train")
@@ -210,7 +210,7 @@ def train(spec: TrainSpec) -> dict:
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs/token, "
           f"device {device}, world {world}", flush=True)
 
-    train_rows, val_rows = read_rows(spec.train_files), read_rows(spec.val_files)
+    train_rows, val_rows = open_rows(spec.train_files), open_rows(spec.val_files)
     batches = Batches(train_rows, spec.micro_batch_size, spec.seed, rank, world)
     ckpt_dir, out_dir = Path(spec.checkpoint_dir), Path(spec.out_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +232,7 @@ def train(spec: TrainSpec) -> dict:
     for step in range(start, spec.max_steps):
         loss_acc = 0.0
         for micro in range(spec.grad_accum_steps):
-            x, y = batches.get(step, micro, device)
+            x, y = batches.get(step * spec.grad_accum_steps + micro, device)
             _, loss = engine(x, y)
             engine.backward(loss)
             loss_acc += float(loss.detach()) / spec.grad_accum_steps

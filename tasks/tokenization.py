@@ -123,6 +123,9 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
     vocab = tok.get_vocab_size()
     write_shards(train_rows, out, "train", cfg.shard_rows, vocab)
     write_shards(val_rows, out, "val", cfg.shard_rows, vocab)
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    np.save(out / "train.npy", train_rows.astype(dtype))  # the memory-mapped copy the loader reads
+    np.save(out / "val.npy", val_rows.astype(dtype))
     (out / "preview.txt").write_text(preview(tok, val[0]))
     (out / "tokens.html").write_text(token_html(tok, val[0]), encoding="utf-8")
     val_tokens = sum(len(e.ids) + 1 for e in tok.encode_batch(val))
