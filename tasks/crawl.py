@@ -285,11 +285,13 @@ def build(cfg: CrawlConfig, out: Path) -> dict:
     return {"documents": len(docs), "counts": dict(counts), "text_chars": docs.chars}
 
 
-@task(name="crawl", persist_result=True, cache_policy=stage.CACHE_POLICY)
+# The modules whose source is part of this stage's key (and of Prefect's cache key).
+CODE = ("tasks.crawl", "tasks.fetch", "tasks.sites", "tasks.sources")
+
+
+@task(name="crawl", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def crawl(cfg: CrawlConfig, workdir: str) -> stage.Manifest:
     """Gather the configured sources into a documents folder."""
-    import tasks.crawl as me
-
-    m = stage.run_stage("crawl", cfg, [], workdir, lambda out, key: build(cfg, out), [me, fetch, sites, sources])
+    m = stage.run_stage("crawl", cfg, [], workdir, lambda out, key: build(cfg, out), CODE)
     publish_counts("crawl", m)
     return m

@@ -172,15 +172,15 @@ def build(cfg: DedupeConfig, documents: list[Path], out: Path, workdir: str | No
             "removed": {k: kinds[k] for k in ("exact", "near", "seen")}}
 
 
-@task(name="dedupe", persist_result=True, cache_policy=stage.CACHE_POLICY)
+# The modules whose source is part of this stage's key (and of Prefect's cache key).
+CODE = ("tasks.dedupe", "tasks.minhash", "tasks.dedupe_index")
+
+
+@task(name="dedupe", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def dedupe(cfg: DedupeConfig, crawled: stage.Manifest, workdir: str) -> stage.Manifest:
     """Remove exact and near-duplicate documents from the crawl output."""
-    import tasks.dedupe as me
-    import tasks.dedupe_index
-    import tasks.minhash
-
     m = stage.run_stage("dedupe", cfg, [crawled], workdir,
                         lambda out, key: build(cfg, stage.shards(crawled.folder), out, workdir),
-                        [me, tasks.minhash, tasks.dedupe_index])
+                        CODE)
     publish_counts("dedupe", m)
     return m

@@ -56,12 +56,14 @@ def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, 
     return {**metrics, "samples": [{"prompt": p, "text": s} for p, s in zip(cfg.prompts, samples)]}
 
 
-@task(name="evaluate", persist_result=True, cache_policy=stage.CACHE_POLICY)
+# The modules whose source is part of this stage's key (and of Prefect's cache key).
+CODE = ("tasks.evaluate", "model.data", "model.generate", "model.gpt")
+
+
+@task(name="evaluate", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def evaluate(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str) -> stage.Manifest:
     """Score the trained model on the held-out split and sample from it."""
-    import tasks.evaluate as me
-
     m = stage.run_stage("evaluate", cfg, [trained, tokens], workdir,
-                        lambda out, key: build(cfg, trained, tokens, workdir, out), [me])
+                        lambda out, key: build(cfg, trained, tokens, workdir, out), CODE)
     publish_counts("evaluate", m)
     return m

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from datasketch import LeanMinHash
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant: combines word hashes into shingle hashes
 

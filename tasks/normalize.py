@@ -150,15 +150,15 @@ def _prefect_map(jobs: list[tuple]) -> list[dict]:
     return [f.result() for f in futures]
 
 
-@task(name="normalize", persist_result=True, cache_policy=stage.CACHE_POLICY)
+# The modules whose source is part of this stage's key (and of Prefect's cache key).
+CODE = ("tasks.normalize", "tasks.pii", "tasks.quality")
+
+
+@task(name="normalize", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def normalize(cfg: NormalizeConfig, deduped: stage.Manifest, workdir: str) -> stage.Manifest:
     """Clean, language-filter and length-filter the deduplicated documents."""
-    import tasks.normalize as me
-    import tasks.pii
-    import tasks.quality
-
     m = stage.run_stage("normalize", cfg, [deduped], workdir,
                         lambda out, key: build(cfg, stage.shards(deduped.folder), out, _prefect_map),
-                        [me, tasks.pii, tasks.quality])
+                        CODE)
     publish_counts("normalize", m)
     return m

@@ -20,9 +20,6 @@ import mlflow
 from prefect import task
 
 import model.config
-import model.data
-import model.generate
-import model.gpt
 import model.train
 from tasks import stage, tracking
 from tasks.config import PretrainConfig
@@ -119,14 +116,15 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
     return {**summary, "mlflow_run_id": run.info.run_id, "mlflow_experiment_id": exp_id, "model": spec.model}
 
 
-@task(name="pretrain", persist_result=True, cache_policy=stage.CACHE_POLICY)
+# The modules whose source is part of this stage's key (and of Prefect's cache key).
+CODE = ("tasks.pretrain", "model.config", "model.data", "model.generate", "model.gpt", "model.train")
+
+
+@task(name="pretrain", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def pretrain(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str,
              upstream: list[stage.Manifest] = ()) -> stage.Manifest:
     """Train a model from scratch on the tokenize stage's shards (upstream: earlier data stages, for their counts)."""
-    import tasks.pretrain as me
-
-    code = [me, model.config, model.data, model.generate, model.gpt, model.train]
     m = stage.run_stage("pretrain", cfg, [tokens], workdir,
-                        lambda out, key: build(cfg, tokens, workdir, experiment, out, key, upstream), code)
+                        lambda out, key: build(cfg, tokens, workdir, experiment, out, key, upstream), CODE)
     publish_counts("pretrain", m)
     return m

@@ -100,13 +100,15 @@ def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifes
     return stats
 
 
-@task(name="register", persist_result=True, cache_policy=stage.CACHE_POLICY)
+# The modules whose source is part of this stage's key (and of Prefect's cache key).
+CODE = ("tasks.register", "model.serving")
+
+
+@task(name="register", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def register(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
              workdir: str) -> stage.Manifest:
     """Register the trained, evaluated model in MLflow and move its aliases."""
-    import tasks.register as me
-
     m = stage.run_stage("register", cfg, [trained, evaluated], workdir,
-                        lambda out, key: build(cfg, trained, evaluated, lineage, workdir, out), [me, model.serving])
+                        lambda out, key: build(cfg, trained, evaluated, lineage, workdir, out), CODE)
     publish_counts("register", m)
     return m

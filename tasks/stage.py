@@ -8,6 +8,7 @@ would take for finished.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -68,11 +69,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def code_version(modules: list[ModuleType]) -> str:
-    """A hash of the source of the modules that implement a stage."""
+def code_version(modules: list[ModuleType | str]) -> str:
+    """A hash of the source of the modules (objects or dotted names) that implement a stage."""
     h = hashlib.sha256()
     for m in modules:
-        h.update(inspect.getsource(m).encode())
+        h.update(inspect.getsource(importlib.import_module(m) if isinstance(m, str) else m).encode())
     return h.hexdigest()[:12]
 
 
@@ -97,7 +98,7 @@ def run_stage(
     inputs: list[Manifest],
     workdir: str | Path,
     build: Callable[[Path, str], dict],
-    code: list[ModuleType],
+    code: list[ModuleType | str],
 ) -> Manifest:
     """Return the finished folder's manifest, or build it in a temp folder and rename it.
 
@@ -140,12 +141,15 @@ def run_stage(
     return manifest
 
 
-def _cache_policy():
-    # Prefect's own cache: the same inputs (config slice, upstream manifests, workdir)
-    # and the same task source give a Cached state without running the body.
-    from prefect.cache_policies import INPUTS, TASK_SOURCE
+def cache_policy(*modules: str):
+    """Prefect's cache for a stage task: the same inputs (config slice, upstream manifests,
+    workdir), task source and stage code (the named modules, as in the stage key) give a
+    Cached state without running the body. TASK_SOURCE alone would miss a change in the
+    plain functions a task calls."""
+    from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
-    return INPUTS + TASK_SOURCE
+    class StageCode(CachePolicy):
+        def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+            return code_version(list(modules))
 
-
-CACHE_POLICY = _cache_policy()
+    return INPUTS + TASK_SOURCE + StageCode()

@@ -139,13 +139,15 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
     }
 
 
-@task(name="tokenize", persist_result=True, cache_policy=stage.CACHE_POLICY)
+# The modules whose source is part of this stage's key (and of Prefect's cache key).
+CODE = ("tasks.tokenization",)
+
+
+@task(name="tokenize", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def tokenize(cfg: TokenizeConfig, normalized: stage.Manifest, workdir: str) -> stage.Manifest:
     """Train the tokenizer and write packed train/validation token shards."""
-    import tasks.tokenization as me
-
     m = stage.run_stage("tokenize", cfg, [normalized], workdir,
-                        lambda out, key: build(cfg, stage.shards(normalized.folder), out), [me])
+                        lambda out, key: build(cfg, stage.shards(normalized.folder), out), CODE)
     publish_counts("tokenize", m)
     publish_tokens(m)
     return m

@@ -2,7 +2,6 @@ import json
 from collections import Counter
 from io import BytesIO
 
-import pyarrow.parquet as pq
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 

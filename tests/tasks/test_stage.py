@@ -53,3 +53,18 @@ def test_folder_without_manifest_is_rebuilt(tmp_path):
     calls = []
     stage.run_stage("dedupe", DedupeConfig(), [], tmp_path, lambda o, k: calls.append(k) or build_ok(o, k), [stage])
     assert calls == [m.key] and (folder / "manifest.json").exists()
+
+
+def test_code_version_follows_the_source_of_every_named_module(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "helper_mod.py").write_text("def f():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import helper_mod
+
+    before = stage.code_version(["tasks.stage", "helper_mod"])
+    (tmp_path / "helper_mod.py").write_text("def f():\n    return 2\n")
+    importlib.reload(helper_mod)
+    assert stage.code_version(["tasks.stage", "helper_mod"]) != before
+    sys.modules.pop("helper_mod")
