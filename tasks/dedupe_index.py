@@ -86,8 +86,7 @@ class DedupeIndex:
         """Save a persistent memory index; drop a run-scoped Redis index."""
         if self.redis is not None:
             if not self.persistent:
-                keys = list(self.redis.scan_iter(match=self.prefix + "*"))
-                keys += list(self.redis.scan_iter(match=f"{self.prefix}_*".encode()))
+                keys = list(self.redis.scan_iter(match=self.prefix + "*"))  # ours and datasketch's bands
                 for chunk in range(0, len(keys), 1000):
                     self.redis.delete(*keys[chunk : chunk + 1000])
             self.redis.close()

@@ -10,7 +10,7 @@ import mlflow
 import torch
 from prefect import task
 
-from model.data import eval_batches, read_rows
+from model.data import eval_batches, open_rows
 from model.generate import generate_text, load_folder
 from tasks import stage, tracking
 from tasks.config import EvaluateConfig
@@ -22,7 +22,7 @@ log = logging.getLogger("forja.evaluate")
 @torch.no_grad()
 def heldout_loss(model, files: list[Path], batch_size: int) -> tuple[float, int]:
     """Mean next-token loss (nats) over every validation row, and the tokens scored."""
-    rows = read_rows(files)
+    rows = open_rows(files)  # the memory-mapped .npy copy when tokenize wrote one
     total, count = 0.0, 0
     for x, y in eval_batches(rows, batch_size, max_batches=len(rows)):
         _, loss = model(x, y)

@@ -25,8 +25,8 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant: combines word hashes into 
 
 
 def canonical(text: str) -> str:
-    """Text as compared for duplicates: NFKC, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """Text as Signer compares it: NFKC, lower-cased, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
 class _WordHashes(dict):

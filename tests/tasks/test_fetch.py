@@ -30,6 +30,18 @@ class Hostile(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def stream_mb(self, mb, headers):
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        try:
+            for _ in range(mb):
+                self.wfile.write(b"a" * 2**20)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def do_GET(self):
         HITS[self.path] += 1
         p = self.path
@@ -56,25 +68,9 @@ class Hostile(BaseHTTPRequestHandler):
         elif p == "/to-metadata":
             self.send(302, headers=[("location", "http://169.254.169.254/latest/meta-data/")])
         elif p == "/huge.html":  # 50 MB, declared honestly
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(50 * 2**20))
-            self.end_headers()
-            try:
-                for _ in range(50):
-                    self.wfile.write(b"a" * 2**20)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+            self.stream_mb(50, [("content-length", str(50 * 2**20))])
         elif p == "/huge-chunked.html":  # 50 MB with no length announced
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("connection", "close")
-            self.end_headers()
-            try:
-                for _ in range(50):
-                    self.wfile.write(b"a" * 2**20)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+            self.stream_mb(50, [("connection", "close")])
         elif p == "/bomb.html":  # 10 KB of gzip that inflates to 1 GB
             self.send(200, BOMB, headers=[("content-encoding", "gzip")])
         elif p == "/drip.html":
