@@ -16,12 +16,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasketch import LeanMinHash
 from prefect import task
 
 from tasks import stage
 from tasks.config import DedupeConfig
-from tasks.dedupe_index import DedupeIndex
+from tasks.dedupe_index import DedupeIndex, lean
 from tasks.minhash import Signer, sign_chunk
 from tasks.reports import publish_counts
 
@@ -64,15 +63,6 @@ def signature_matrix(texts: list[str], cfg: DedupeConfig) -> np.ndarray:
     chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
     parts = [sigs for sigs, _ in signature_chunks(chunks, cfg, len(texts) >= PARALLEL_MIN_DOCS)]
     return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), np.uint32)
-
-
-def lean(seed: int, row: np.ndarray) -> LeanMinHash:
-    """A LeanMinHash over a signature row from Signer, without re-validating its values."""
-    # LeanMinHash's constructor copies and re-checks the values; these come straight
-    # from Signer as uint32 "affine32" values, so set its public slots directly.
-    m = object.__new__(LeanMinHash)
-    m.seed, m.scheme, m.hashvalues = seed, "affine32", row
-    return m
 
 
 def decide(chunks: Iterable[tuple[Any, list[str], list[str]]], cfg: DedupeConfig, index: DedupeIndex,

@@ -15,13 +15,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasketch import MinHashLSH
+from datasketch import LeanMinHash, MinHashLSH
 
 from tasks.config import DedupeConfig
 
 # (false-positive, false-negative) weights for choosing bands and rows: candidates are
 # verified against the threshold afterwards, so missing a duplicate is the costlier error.
 LSH_WEIGHTS = (0.1, 0.9)
+
+
+def lean(seed: int, row: np.ndarray) -> LeanMinHash:
+    """A LeanMinHash over a signature row from Signer, without re-validating its values."""
+    # LeanMinHash's constructor copies and re-checks the values; these come straight
+    # from Signer as uint32 "affine32" values, so set its public slots directly.
+    m = object.__new__(LeanMinHash)
+    m.seed, m.scheme, m.hashvalues = seed, "affine32", row
+    return m
 
 
 class DedupeIndex:
@@ -107,8 +116,6 @@ class DedupeIndex:
         os.replace(tmp, self.file)
 
     def _load(self) -> None:
-        from tasks.dedupe import lean  # a LeanMinHash view of a stored row
-
         table = pq.read_table(self.file)
         sigs = table.column("signature").combine_chunks().values.to_numpy().reshape(-1, self.cfg.num_perm)
         with self.lsh.insertion_session() as session:
