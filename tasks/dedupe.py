@@ -20,7 +20,7 @@ from prefect import task
 
 from tasks import stage
 from tasks.config import DedupeConfig
-from tasks.dedupe_index import DedupeIndex, lean
+from tasks.dedupe_index import DedupeIndex
 from tasks.minhash import Signer, sign_chunk
 from tasks.reports import publish_counts
 
@@ -84,21 +84,19 @@ def decide(chunks: Iterable[tuple[Any, list[str], list[str]]], cfg: DedupeConfig
     for block, digests in signature_chunks(texts(), cfg, parallel):
         payload, ids = waiting.popleft()
         removed: dict[int, tuple[str, str, float]] = {}
-        for i, (key, row, digest) in enumerate(zip(ids, block, digests)):
+        for i, (key, row, digest, bands) in enumerate(zip(ids, block, digests, index.bands(block))):
             if (dup := index.exact(digest)) is not None:
                 removed[i] = (dup, "seen" if dup == key else "exact", 1.0)
                 continue
-            sig = lean(cfg.seed, row)
             best, best_sim = None, 0.0
-            for cand in index.candidates(sig):
-                cand = cand.decode() if isinstance(cand, bytes) else cand
+            for cand in index.candidates(bands):
                 sim = float(np.count_nonzero(index.signature(cand) == row)) / cfg.num_perm
                 if sim >= cfg.threshold and (sim > best_sim or (sim == best_sim and cand < best)):
                     best, best_sim = cand, sim
             if best is not None:
                 removed[i] = (best, "near", best_sim)
             else:
-                index.add(key, digest, row, sig)
+                index.add(key, digest, row, bands)
         yield payload, removed
 
 

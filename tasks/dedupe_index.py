@@ -9,28 +9,20 @@ deduplicated against everything indexed before it (an incremental refresh).
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasketch import LeanMinHash, MinHashLSH
+from datasketch import MinHashLSH
 
 from tasks.config import DedupeConfig
 
 # (false-positive, false-negative) weights for choosing bands and rows: candidates are
 # verified against the threshold afterwards, so missing a duplicate is the costlier error.
 LSH_WEIGHTS = (0.1, 0.9)
-
-
-def lean(seed: int, row: np.ndarray) -> LeanMinHash:
-    """A LeanMinHash over a signature row from Signer, without re-validating its values."""
-    # LeanMinHash's constructor copies and re-checks the values; these come straight
-    # from Signer as uint32 "affine32" values, so set its public slots directly.
-    m = object.__new__(LeanMinHash)
-    m.seed, m.scheme, m.hashvalues = seed, "affine32", row
-    return m
 
 
 class DedupeIndex:
@@ -74,22 +66,44 @@ class DedupeIndex:
             return got.decode() if got is not None else None
         return self.digests.get(digest)
 
-    def candidates(self, sig) -> list[str]:
-        return self.lsh.query(sig)
+    def bands(self, block: np.ndarray) -> list[list[bytes]]:
+        """The LSH bucket key of every band of each signature row in block.
+
+        These are the keys MinHashLSH.query/insert derive one band at a time (the band's
+        values byte-swapped, as bytes); deriving them for a whole block at once takes the
+        per-document work in the deduplicating loop down to dictionary lookups.
+        """
+        swapped = np.ascontiguousarray(block.astype(np.uint32).byteswap())
+        cuts = [(4 * start, 4 * end) for start, end in self.lsh.hashranges]
+        return [[raw[a:b] for a, b in cuts] for raw in map(bytes, swapped)]
+
+    def candidates(self, keys: list[bytes]) -> set[str]:
+        """Ids of indexed documents sharing at least one band with these band keys."""
+        found: set = set()
+        for key, table in zip(keys, self.lsh.hashtables):
+            found.update(table.get(key))
+        if self.lsh.prepickle:  # Redis storage holds pickled ids
+            return {pickle.loads(k) for k in found}
+        return found
 
     def signature(self, key: str) -> np.ndarray:
         if self.redis is not None:
             return np.frombuffer(self.redis.hget(self.prefix + ":sig", key), dtype=np.uint32)
         return self.sigs[key]
 
-    def add(self, key: str, digest: bytes, row: np.ndarray, sig) -> None:
+    def add(self, key: str, digest: bytes, row: np.ndarray, bands: list[bytes]) -> None:
         if self.redis is not None:
             self.redis.hset(self.prefix + ":sig", key, row.astype(np.uint32).tobytes())
-            self.redis.hset(self.prefix + ":digest", digest, key)
+            if digest:
+                self.redis.hset(self.prefix + ":digest", digest, key)
         else:
             self.sigs[key] = row
-            self.digests[digest] = key
-        self.lsh.insert(key, sig, check_duplication=False)
+            if digest:
+                self.digests[digest] = key
+        stored = pickle.dumps(key) if self.lsh.prepickle else key
+        self.lsh.keys.insert(stored, *bands)
+        for band, table in zip(bands, self.lsh.hashtables):
+            table.insert(band, stored)
 
     def close(self, success: bool) -> None:
         """Save a persistent memory index; drop a run-scoped Redis index."""
@@ -118,9 +132,6 @@ class DedupeIndex:
     def _load(self) -> None:
         table = pq.read_table(self.file)
         sigs = table.column("signature").combine_chunks().values.to_numpy().reshape(-1, self.cfg.num_perm)
-        with self.lsh.insertion_session() as session:
-            for key, digest, row in zip(table.column("id").to_pylist(), table.column("digest").to_pylist(), sigs):
-                self.sigs[key] = row
-                if digest:
-                    self.digests[digest] = key
-                session.insert(key, lean(self.cfg.seed, row), check_duplication=False)
+        for key, digest, row, bands in zip(table.column("id").to_pylist(), table.column("digest").to_pylist(),
+                                           sigs, self.bands(sigs)):
+            self.add(key, digest, row, bands)

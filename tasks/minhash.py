@@ -146,6 +146,14 @@ class Signer:
         out[nonempty] = np.minimum.reduceat(perm, starts, axis=1).T
 
 
+_signers: dict[tuple[int, int, int], Signer] = {}
+
+
 def sign_chunk(texts: list[str], params: tuple[int, int, int]) -> tuple[np.ndarray, list[bytes]]:
-    """Worker-process entry point: sign texts with a fresh Signer(num_perm, shingle_size, seed)."""
-    return Signer(*params).sign(texts)
+    """Worker-process entry point: sign texts with this process's Signer(num_perm, shingle_size, seed).
+
+    The Signer is kept between chunks so its word-hash cache stays warm.
+    """
+    if params not in _signers:
+        _signers[params] = Signer(*params)
+    return _signers[params].sign(texts)

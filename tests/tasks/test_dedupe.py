@@ -1,3 +1,4 @@
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,7 +50,6 @@ def test_signatures_do_not_depend_on_python_hash_seed():
 
 def test_threshold_too_high_for_num_perm_is_a_config_error():
     import pydantic
-    import pytest
 
     with pytest.raises(pydantic.ValidationError, match="raise num_perm"):
         DedupeConfig(threshold=0.99, num_perm=128)
@@ -95,6 +95,32 @@ def test_redis_index_gives_the_same_decisions_as_memory(redis_url):
     on_redis = d.find_duplicates(ids, texts, DedupeConfig(threshold=0.7, index="redis", redis_url=redis_url))
     assert on_redis == in_memory and on_redis
     assert not redis.Redis.from_url(redis_url).keys("forja:dedupe:run-*")  # a run-scoped index is dropped
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_block_band_keys_find_what_datasketch_query_finds(storage, request):
+    """DedupeIndex derives band keys for a whole block and talks to MinHashLSH's storage
+    directly; an index built that way must answer datasketch's own query() the same."""
+    from datasketch import LeanMinHash
+
+    from tasks.dedupe_index import DedupeIndex
+    from tasks.minhash import Signer
+
+    extra = {"index": "redis", "redis_url": request.getfixturevalue("redis_url")} if storage == "redis" else {}
+    cfg = DedupeConfig(threshold=0.5, **extra)
+    ids, texts = corpus()
+    sigs = Signer(cfg.num_perm, cfg.shingle_size, cfg.seed).signature_matrix(texts)
+    index = DedupeIndex(cfg)
+    try:
+        bands = index.bands(sigs)
+        for key, row, keys in zip(ids[:3], sigs, bands):
+            index.add(key, b"", row, keys)
+        for row, keys in zip(sigs, bands):
+            public = index.lsh.query(LeanMinHash(seed=cfg.seed, hashvalues=row, scheme="affine32"))
+            assert index.candidates(keys) == set(public)
+        assert index.candidates(bands[1]) >= {"a"}  # the near copy of "a" collides in some band
+    finally:
+        index.close(success=True)
 
 
 def incremental(tmp_path, cfg):
