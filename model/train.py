@@ -6,10 +6,12 @@ group and the same entry point works under the `deepspeed` launcher later.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import checkpoint, monitor
 from model.config import ModelConfig
 from model.data import Batches, eval_batches, open_rows
 from model.gpt import GPT
@@ -50,13 +53,29 @@ class TrainSpec:
     keep_checkpoints: int = 2
     seed: int = 1337
     threads: int = 0
+    zero_stage: int = 0
+    schedule: str = "cosine"  # or "wsd": warmup, stable, then a linear decay over decay_fraction
+    decay_fraction: float = 0.2
+    data_key: str = ""  # the tokenize stage's key: a checkpoint only resumes on the same data
+    sample_every: int = 0  # generations from sample_prompts every this many steps (0: never)
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 32
+    grad_norms_every: int = 0  # per-layer gradient norms every this many steps (0: never)
     extra: dict = field(default_factory=dict)
 
 
-def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_ratio at max_steps."""
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float, schedule: str = "cosine",
+              decay_fraction: float = 0.2) -> float:
+    """Linear warmup to 1, then to min_ratio at max_steps: a cosine ("cosine"), or flat until
+    the last decay_fraction of the steps and a linear decay there ("wsd", warmup-stable-decay)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "wsd":
+        decay_start = max(warmup, max_steps - round(decay_fraction * max_steps))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        return 1.0 - (1 - min_ratio) * progress
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -92,22 +111,26 @@ def build_engine(model: GPT, spec: TrainSpec):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), fused=device == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, spec.warmup_steps, spec.max_steps, spec.min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+        s, spec.warmup_steps, spec.max_steps, spec.min_lr_ratio, spec.schedule, spec.decay_fraction))
+    engine, opt, _, sched = deepspeed.initialize(
+        model=model.to(device), optimizer=opt, lr_scheduler=sched, config=deepspeed_config(spec, dtype)
     )
-    ds_config = {
+    checkpoint.use_safe_loading(engine)
+    return engine, device
+
+
+def deepspeed_config(spec: TrainSpec, dtype: torch.dtype) -> dict:
+    """DeepSpeed's JSON config, from forja's pretrain settings."""
+    return {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.grad_accum_steps,
         "gradient_clipping": spec.grad_clip,
-        "zero_optimization": {"stage": 0},
+        "zero_optimization": {"stage": spec.zero_stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    engine, opt, _, sched = deepspeed.initialize(
-        model=model.to(device), optimizer=opt, lr_scheduler=sched, config=ds_config
-    )
-    return engine, device
 
 
 class GradWatch:
@@ -190,47 +213,125 @@ class MetricSink:
             self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]))
-    for old in tags[:-keep]:
-        for f in sorted(old.rglob("*"), reverse=True):
-            f.unlink() if f.is_file() else f.rmdir()
-        old.rmdir()
+def fault(point: str, step: int) -> None:
+    """Fault injection for the resume tests: FORJA_FAULT=point:step kills this process there."""
+    if os.environ.get("FORJA_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save(engine, ckpt_dir: Path, step: int, fingerprint: dict, rank: int, keep: int) -> None:
+    """DeepSpeed's checkpoint of every rank, then the commit marker, then pruning (rank 0)."""
+    state = {"step": step, "rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step}", client_state=state, save_latest=False)
+    fault("checkpoint-files-written", step)
+    barrier()
+    if rank == 0:
+        checkpoint.commit(ckpt_dir / f"step-{step}", step, fingerprint)
+        checkpoint.prune(ckpt_dir, keep)
+    barrier()
+
+
+def resume(engine, ckpt_dir: Path, fingerprint: dict) -> int:
+    """Load the newest complete checkpoint and return its step (0 if there is none).
+
+    An incomplete newest checkpoint is skipped, saying why; a checkpoint of another model,
+    tokenizer or data is a hard error that names what changed.
+    """
+    for tag in checkpoint.step_folders(ckpt_dir):
+        if (why := checkpoint.problem(tag)) is not None:
+            print(f"checkpoint {tag} skipped: {why}; falling back to the previous one", flush=True)
+            continue
+        if diffs := checkpoint.mismatch(checkpoint.fingerprint_of(tag), fingerprint):
+            raise checkpoint.CheckpointMismatch(
+                f"{tag} belongs to another run: " + "; ".join(diffs) + ". Train with the same model, "
+                "tokenizer and data to resume it, or set pretrain.run_name to start a new run beside it")
+        try:
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag.name)
+        except Exception as e:  # a corrupt file that kept its size
+            print(f"checkpoint {tag} skipped: {type(e).__name__}: {e}; falling back to the previous one", flush=True)
+            continue
+        if path is None:
+            print(f"checkpoint {tag} skipped: DeepSpeed found nothing to load; falling back", flush=True)
+            continue
+        torch.set_rng_state(client["rng_cpu"])
+        if "rng_cuda" in client and torch.cuda.is_available():
+            torch.cuda.set_rng_state(client["rng_cuda"])
+        print(f"resumed from {tag} at step {client['step']}", flush=True)
+        return int(client["step"])
+    return 0
+
+
+def check_memory(cfg: ModelConfig, spec: TrainSpec, device: str, dtype: torch.dtype, world: int, preset: str) -> None:
+    """Fail before training when the model cannot fit, with the estimate and what to change."""
+    est = monitor.memory_estimate(cfg, spec.micro_batch_size, spec.zero_stage, world, dtype != torch.float32)
+    have = monitor.device_memory(device)
+    if est["total_bytes"] > 0.9 * have:
+        gib = 2**30
+        raise MemoryError(
+            f"{preset} ({est['params'] / 1e6:.0f}M parameters) needs about {est['total_bytes'] / gib:.1f} GiB per "
+            f"rank on {device} (weights, gradients and AdamW state {est['states_bytes'] / gib:.1f} GiB with ZeRO stage "
+            f"{spec.zero_stage} over {world} rank(s), activations {est['activation_bytes'] / gib:.1f} GiB at micro-batch "
+            f"{spec.micro_batch_size}) but {have / gib:.1f} GiB is available. Choose a smaller pretrain.preset, raise "
+            "pretrain.zero_stage and the number of GPUs, or lower pretrain.micro_batch_size (raising "
+            "grad_accum_steps to keep the batch)")
 
 
 def train(spec: TrainSpec) -> dict:
-    """Train to spec.max_steps, resuming from the newest checkpoint; returns a summary."""
+    """Train to spec.max_steps, resuming from the newest complete checkpoint; returns a summary."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     cfg = ModelConfig(**spec.model)
+    ensure_dist_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device, dtype = device_and_dtype()
+    check_memory(cfg, spec, device, dtype, world, spec.extra.get("preset", "this model"))
     model = GPT(cfg)
     engine, device = build_engine(model, spec)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    peak, peak_source = monitor.peak_flops(device, dtype)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs/token, "
-          f"device {device}, world {world}", flush=True)
+          f"device {device} ({dtype}), world {world}, ZeRO stage {spec.zero_stage}; "
+          f"peak {peak / 1e9:.0f} GFLOP/s per rank ({peak_source})", flush=True)
 
     train_rows, val_rows = open_rows(spec.train_files), open_rows(spec.val_files)
     batches = Batches(train_rows, spec.micro_batch_size, spec.seed, rank, world)
     ckpt_dir, out_dir = Path(spec.checkpoint_dir), Path(spec.out_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"model": spec.model, "tokenizer_sha256": checkpoint.file_sha256(spec.tokenizer),
+                   "data_key": spec.data_key}
+    start = resume(engine, ckpt_dir, fingerprint)
 
-    start = 0
-    if (ckpt_dir / "latest").exists():
-        path, client = engine.load_checkpoint(str(ckpt_dir))
-        if path is None:
-            raise RuntimeError(f"checkpoint in {ckpt_dir} could not be loaded; delete it to start over")
-        start = int(client["step"])
-        print(f"resumed from {path} at step {start}", flush=True)
+    # metrics.jsonl lives beside the checkpoints, cut back to the resumed step, so that a
+    # killed and resumed run still has one curve from step 1.
+    metrics_file = ckpt_dir / "metrics.jsonl"
+    sink = None
+    if rank == 0:
+        kept = [x for x in (metrics_file.read_text().splitlines() if metrics_file.exists() and start else [])
+                if json.loads(x)["step"] <= start]
+        metrics_file.write_text("".join(x + "\n" for x in kept))
+        sink = MetricSink(metrics_file)
+    tokenizer = None
+    if rank == 0 and spec.sample_every and spec.sample_prompts and spec.zero_stage < 3:
+        from tokenizers import Tokenizer
 
-    sink = MetricSink(out_dir / "metrics.jsonl")
+        tokenizer = Tokenizer.from_file(spec.tokenizer)
+
     tokens_per_step = spec.micro_batch_size * spec.grad_accum_steps * world * cfg.block_size
+    flops_per_step = model.flops_per_token() * tokens_per_step
     watch = GradWatch(engine.module)
     t0, last_t, last_step = time.time(), time.time(), start
     train_loss = val_loss = float("nan")
     for step in range(start, spec.max_steps):
-        loss_acc = 0.0
+        done = step + 1
+        loss_acc, layer_norms = 0.0, {}
         for micro in range(spec.grad_accum_steps):
             x, y = batches.get(step * spec.grad_accum_steps + micro, device)
             _, loss = engine(x, y)
@@ -238,43 +339,82 @@ def train(spec: TrainSpec) -> dict:
             loss_acc += float(loss.detach()) / spec.grad_accum_steps
             if micro == spec.grad_accum_steps - 1:
                 gnorm = grad_norm(engine.module)
+                sharded = not any(p.grad is not None for p in engine.module.parameters())  # ZeRO 2/3
+                if spec.grad_norms_every and done % spec.grad_norms_every == 0:
+                    layer_norms = monitor.layer_grad_norms(engine.module)
                 lr = engine.get_lr()[0]
                 if not (math.isfinite(gnorm) and math.isfinite(loss_acc)):
                     # Stop before the optimizer applies it; keep the last good state to inspect.
                     where = (f"first non-finite output in {first_nonfinite_module(engine.module, x)}"
                              if not math.isfinite(loss_acc) else f"first non-finite gradient in {watch.first}")
-                    engine.save_checkpoint(str(ckpt_dir), tag=f"nonfinite-step-{step}", client_state={"step": step})
+                    engine.save_checkpoint(str(ckpt_dir), tag=f"nonfinite-step-{step}",
+                                           client_state={"step": step}, save_latest=False)
                     raise FloatingPointError(
                         f"step {step}: loss {loss_acc:.4g}, {where}; checkpoint saved as "
                         f"{ckpt_dir}/nonfinite-step-{step}. Lower pretrain.lr or raise warmup_steps"
                     )
             engine.step()
+            fault("step", done)
+        if sharded:  # the norm DeepSpeed computed over the shards while clipping
+            gnorm = float(engine.get_global_grad_norm() or 0.0)
         watch.reset()
-        train_loss, done = loss_acc, step + 1
+        train_loss = loss_acc
         if done % spec.log_every == 0 or done == spec.max_steps:
             now = time.time()
-            metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": gnorm,
-                       "tokens_per_s": tokens_per_step * (done - last_step) / max(now - last_t, 1e-9)}
+            tok_s = tokens_per_step * (done - last_step) / max(now - last_t, 1e-9)
+            metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
+                       "mfu": flops_per_step * (done - last_step) / max(now - last_t, 1e-9) / (peak * world),
+                       **monitor.memory_metrics(device), **layer_norms}
             if done % spec.eval_every == 0 or done == spec.max_steps:
                 val_loss = evaluate_loss(engine.module, val_rows, spec.micro_batch_size, spec.eval_batches, device)
                 metrics |= {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
-            if rank == 0:
+            if sink is not None:
                 sink.log(done, metrics)
             last_t, last_step = time.time(), done
+        if tokenizer is not None and (done % spec.sample_every == 0 or done == spec.max_steps):
+            write_samples(engine.module, tokenizer, spec, done, out_dir, sink)
         if done % spec.checkpoint_every == 0 and done < spec.max_steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step-{done}", client_state={"step": done})
-            if rank == 0:
-                prune_checkpoints(ckpt_dir, spec.keep_checkpoints)
+            save(engine, ckpt_dir, done, fingerprint, rank, spec.keep_checkpoints)
 
     summary = {"steps": spec.max_steps, "resumed_from": start, "train_loss": train_loss, "val_loss": val_loss,
                "tokens": tokens_per_step * (spec.max_steps - start), "seconds": time.time() - t0,
-               "params": model.num_params()}
+               "params": model.num_params(), "world_size": world, "zero_stage": spec.zero_stage}
+    write_rank_record(engine.module, batches, start * spec.grad_accum_steps, out_dir, rank)
     if rank == 0:
         from model.generate import save_folder
 
         save_folder(engine.module, Path(spec.tokenizer), out_dir)
+        (out_dir / "metrics.jsonl").write_text(metrics_file.read_text())
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    barrier()
     return summary
+
+
+def write_rank_record(model: GPT, batches: Batches, position: int, out_dir: Path, rank: int) -> None:
+    """ranks/rank-N.json: a digest of this rank's final weights and the rows of its first batch,
+    to check that data-parallel ranks end identical after drawing disjoint data."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    folder = out_dir / "ranks"
+    folder.mkdir(exist_ok=True)
+    record = {"rank": rank, "weights_sha256": h.hexdigest(), "first_batch_rows": batches.indices(position).tolist()}
+    (folder / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def write_samples(model: GPT, tokenizer, spec: TrainSpec, step: int, out_dir: Path, sink: "MetricSink | None") -> None:
+    """Greedy continuations of the fixed prompts, appended to samples.txt and logged to MLflow."""
+    from model.generate import generate_text
+
+    texts = generate_text(model, tokenizer, spec.sample_prompts, spec.sample_tokens, temperature=0.0)
+    model.train()
+    block = f"## step {step}\n\n" + "".join(f"{p!r} -> {t!r}\n" for p, t in zip(spec.sample_prompts, texts)) + "\n"
+    with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
+        f.write(block)
+    print(f"samples at step {step}: {texts[0][:80]!r}", flush=True)
+    if sink is not None and sink.mlflow is not None:
+        sink.mlflow.log_text(sink.run_id, block, f"samples/step-{step:06d}.txt")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,7 +133,16 @@ class PretrainConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 1337
-    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    threads: int = Field(0, ge=0, description="torch threads per machine, shared by its ranks; 0 = all cores")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    num_gpus: int = Field(1, ge=1, description="processes on this machine (GPUs, or CPU ranks over gloo)")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile: train on the nodes it lists")
+    run_name: str | None = Field(None, description="checkpoint folder to resume; default: one per configuration")
+    sample_every: int = Field(0, ge=0, description="generations from sample_prompts every N steps; 0 = never")
+    sample_prompts: list[str] = Field(default_factory=lambda: ["O Linux é"])
+    grad_norms_every: int = Field(0, ge=0, description="per-layer gradient norms every N steps; 0 = never")
 
     @model_validator(mode="after")
     def _check(self):

@@ -34,36 +34,140 @@ def model_config(cfg: PretrainConfig, tokens: stage.Manifest) -> model.config.Mo
     return model.config.from_preset(cfg.preset, tokens.stats["vocab_size"], tokens.stats["seq_len"], **overrides)
 
 
+LAUNCHER_ONLY = ("num_gpus", "hostfile", "run_name")  # settings of the launch, not of the training loop
+
+
 def train_spec(cfg: PretrainConfig, tokens: stage.Manifest, out: Path, ckpt: Path) -> model.train.TrainSpec:
-    hp = cfg.model_dump(exclude={"preset", *MODEL_FIELDS})
+    hp = cfg.model_dump(exclude={"preset", *MODEL_FIELDS, *LAUNCHER_ONLY})
+    hp["threads"] = rank_threads(cfg)
     return model.train.TrainSpec(
         model=asdict(model_config(cfg, tokens)),
         train_files=[str(p) for p in tokens.files_matching("train-")],
         val_files=[str(p) for p in tokens.files_matching("val-")],
-        tokenizer=str(tokens.path("tokenizer.json")), out_dir=str(out), checkpoint_dir=str(ckpt), **hp,
+        tokenizer=str(tokens.path("tokenizer.json")), out_dir=str(out), checkpoint_dir=str(ckpt),
+        data_key=tokens.key, extra={"preset": cfg.preset}, **hp,
     )
 
 
-def child_env(run_id: str, threads: int) -> dict:
+def rank_threads(cfg: PretrainConfig) -> int:
+    """Torch threads per rank: the machine's share (set deliberately: oversubscription is slow)."""
+    return max(1, (cfg.threads or os.cpu_count() or 1) // cfg.num_gpus)
+
+
+def check_tokens(cfg: PretrainConfig, tokens: stage.Manifest) -> None:
+    """Enough training sequences for one global batch, or an error naming the stage that made them."""
+    rows = tokens.stats.get("rows", {})
+    need = cfg.micro_batch_size * cfg.num_gpus
+    if rows.get("train", 0) < need or rows.get("val", 0) < 1:
+        raise ValueError(
+            f"the tokenize stage ({tokens.folder}) produced {rows.get('train', 0)} training and {rows.get('val', 0)} "
+            f"validation sequences of {tokens.stats.get('seq_len')} tokens; pretraining needs at least {need} "
+            "(micro_batch_size x processes) and 1. Crawl more text, lower tokenize.seq_len, or lower "
+            "pretrain.micro_batch_size")
+
+
+def check_hostfile(path: str) -> list[str]:
+    """The hosts of a DeepSpeed hostfile, each checked reachable on its ssh port."""
+    import socket
+
+    f = Path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"pretrain.hostfile {path} does not exist")
+    hosts = [line.split()[0] for line in f.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not hosts:
+        raise ValueError(f"pretrain.hostfile {path} lists no hosts (one 'HOST slots=N' a line)")
+    for host in hosts:
+        try:
+            socket.create_connection((host, 22), timeout=5).close()
+        except OSError as e:
+            raise ConnectionError(f"pretrain.hostfile {path}: host {host!r} is unreachable on its ssh port 22 "
+                                  f"({e}); fix the name or remove it from the hostfile") from None
+    return hosts
+
+
+def launch_command(cfg: PretrainConfig, spec_path: Path) -> list[str]:
+    """The deepspeed launcher running `model.train` on one machine's processes or a hostfile's nodes."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--master_port", str(free_port())]
+    if cfg.hostfile:
+        check_hostfile(cfg.hostfile)
+        cmd += ["--hostfile", cfg.hostfile]
+    else:
+        cmd += ["--num_gpus", str(cfg.num_gpus)]
+    return cmd + ["--module", "model.train", str(spec_path)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(run_id: str, cfg: PretrainConfig) -> dict:
     env = dict(os.environ, MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), PYTHONUNBUFFERED="1")
-    n = str(threads or os.cpu_count() or 1)
-    env.setdefault("OMP_NUM_THREADS", n)  # torch threads set deliberately: oversubscription is slow
+    env.setdefault("OMP_NUM_THREADS", str(rank_threads(cfg)))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "forja" / "torch_extensions"))
+    env.setdefault("DS_ACCELERATOR", "cuda" if torch_cuda() else "cpu")
+    root = str(Path(__file__).resolve().parent.parent)  # the ranks import model.train from this checkout
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
 
-def run_training(spec_path: Path, env: dict) -> None:
-    """Run the training process, logging its lines; raise with its last lines if it fails."""
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+REPORTED = ("step", "model:", "resumed", "checkpoint", "samples")  # training lines worth a Prefect log entry
+
+
+def run_training(cmd: list[str], env: dict, max_steps: int) -> None:
+    """Run the launcher, logging its ranks' progress; raise with the last lines if it fails.
+
+    On a terminal, a progress bar shows step, loss and tokens/s as well.
+    """
     tail: deque[str] = deque(maxlen=30)
-    proc = subprocess.Popen([sys.executable, "-m", "model.train", str(spec_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail.append(line)
-        if line.startswith(("step", "model:", "resumed")):
-            log.info("pretrain: %s", line)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with TrainingProgress(max_steps) as bar:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            if line.startswith(REPORTED):
+                log.info("pretrain: %s", line)
+                bar.update(line)
     if proc.wait():
         raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
+
+
+class TrainingProgress:
+    """A rich progress bar fed by the training's `step N key=value ...` lines (terminals only)."""
+
+    def __init__(self, total: int):
+        self.total, self.progress, self.task = total, None, None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("pretrain"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("pretrain", total=self.total, info="")
+        return self
+
+    def update(self, line: str) -> None:
+        if self.progress is None or not line.startswith("step "):
+            return
+        parts = line.split()
+        fields = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+        info = f"loss {fields.get('train_loss', '?')}  {fields.get('tokens_per_s', '?')} tok/s"
+        self.progress.update(self.task, completed=int(parts[1]), info=info)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def loss_curve(metrics_file: Path, png: Path) -> None:
@@ -88,14 +192,16 @@ def loss_curve(metrics_file: Path, png: Path) -> None:
 
 def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str, out: Path, key: str,
           upstream: list[stage.Manifest] = ()) -> dict:
-    ckpt = Path(workdir).resolve() / "checkpoints" / "pretrain" / key
+    check_tokens(cfg, tokens)
+    ckpt = Path(workdir).resolve() / "checkpoints" / "pretrain" / (cfg.run_name or key)
     ckpt.mkdir(parents=True, exist_ok=True)
     spec = train_spec(cfg, tokens, out, ckpt)
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
     exp_id = tracking.setup(workdir, experiment)
     run_file = ckpt / "mlflow_run_id"  # a resumed training continues the same MLflow run
     run_id = run_file.read_text().strip() if run_file.exists() else None
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=f"pretrain-{key[:8]}") as run:
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=f"pretrain-{key[:8]}",
+                          log_system_metrics=True) as run:
         run_file.write_text(run.info.run_id)
         if not run_id:
             mlflow.log_params({f"pretrain.{k}": v for k, v in cfg.model_dump().items()})
@@ -108,7 +214,9 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
                                  f"forja.stage.{s}": k for s, k in tokens.inputs.items()}})
         if tokens.path("tokens.html").exists():
             mlflow.log_artifact(str(tokens.path("tokens.html")), "tokenizer")
-        run_training(out / "spec.json", child_env(run.info.run_id, cfg.threads))
+        run_training(launch_command(cfg, out / "spec.json"), child_env(run.info.run_id, cfg), cfg.max_steps)
+        if (out / "samples.txt").exists():
+            mlflow.log_artifact(str(out / "samples.txt"))
         loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
         mlflow.log_artifact(str(out / "loss_curve.png"))
         mlflow.log_artifact(str(out / "metrics.jsonl"))
@@ -117,7 +225,8 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.pretrain", "model.config", "model.data", "model.generate", "model.gpt", "model.train")
+CODE = ("tasks.pretrain", "model.checkpoint", "model.config", "model.data", "model.generate", "model.gpt", "model.monitor",
+        "model.train")
 
 
 @task(name="pretrain", persist_result=True, cache_policy=stage.cache_policy(*CODE))

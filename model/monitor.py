@@ -1,0 +1,99 @@
+"""What a training run reports besides its loss: MFU, memory, per-layer gradients, samples,
+and whether a model fits the device before any time is spent on it."""
+from __future__ import annotations
+
+import resource
+import time
+from collections import defaultdict
+
+import torch
+
+from model.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device name; other GPUs are measured.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                 "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
+
+
+def measured_matmul_peak(device: str, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of square matmuls on this device with the current thread count."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return 2 * size**3 * n / (time.perf_counter() - t0)
+
+
+def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s of one rank's device, where the figure comes from)."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name and dtype == torch.bfloat16:
+                return peak, f"{name} datasheet bf16 dense"
+        return measured_matmul_peak(device, dtype, 4096), f"{name} measured {dtype} matmul"
+    return measured_matmul_peak(device, dtype), f"CPU measured fp32 matmul, {torch.get_num_threads()} threads"
+
+
+def memory_metrics(device: str) -> dict:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set on the CPU."""
+    if device == "cuda":
+        return {"memory_peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"memory_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def layer_of(name: str) -> str:
+    """Group a parameter name by layer: blocks.3.attn.q.weight -> blocks.3."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+
+
+def layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of each layer (block, embedding, final norm), where grads are held."""
+    sq: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            sq[layer_of(name)] = sq[layer_of(name)] + p.grad.detach().float().pow(2).sum().cpu()
+    return {f"grad_norm.{k}": float(v.sqrt()) for k, v in sq.items()}
+
+
+def bytes_per_param(zero_stage: int, world: int, mixed: bool) -> float:
+    """Weights, gradients and AdamW state per parameter on one rank, after ZeRO partitioning."""
+    weights, grads = (2, 2) if mixed else (4, 4)
+    optim = 12 if mixed else 8  # fp32 master copy (mixed only) + two Adam moments
+    if zero_stage >= 1:
+        optim /= world
+    if zero_stage >= 2:
+        grads /= world
+    if zero_stage >= 3:
+        weights /= world
+    return weights + grads + optim
+
+
+def memory_estimate(cfg: ModelConfig, micro_batch: int, zero_stage: int, world: int, mixed: bool) -> dict:
+    """Rough bytes one rank needs to train: states plus activations kept for backward."""
+    n = (cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
+         + cfg.n_layer * (2 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * cfg.n_kv_head * cfg.head_dim
+                          + 3 * cfg.n_embd * cfg.mlp_hidden))
+    states = n * bytes_per_param(zero_stage, world, mixed)
+    act_bytes = 2 if mixed else 4
+    tokens = micro_batch * cfg.block_size
+    # per layer and token: ~16 saved hidden-size tensors plus the MLP's hidden ones; logits in fp32.
+    acts = tokens * (cfg.n_layer * (16 * cfg.n_embd + 3 * cfg.mlp_hidden) * act_bytes + 3 * cfg.vocab_size * 4)
+    return {"params": n, "states_bytes": states, "activation_bytes": acts, "total_bytes": states + acts}
+
+
+def device_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[1]
+    import psutil
+
+    return psutil.virtual_memory().available

@@ -1,0 +1,119 @@
+"""Resume that loses nothing, checked on real training processes (DeepSpeed, CPU, fp32).
+
+Each test starts `python -m model.train` (or the deepspeed launcher) as a child process,
+kills it with SIGKILL where FORJA_FAULT says, starts it again and compares with a run
+that was never interrupted.
+"""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models
+
+from model import train as tr
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_spec(tmp_path: Path, name: str, **kw) -> Path:
+    data = tmp_path / "data"
+    if not data.exists():
+        data.mkdir()
+        rows = np.random.default_rng(0).integers(0, 300, size=(64, 33)).astype(np.uint16)
+        np.save(data / "train.npy", rows)
+        np.save(data / "val.npy", rows[:8])
+        Tokenizer(models.BPE()).save(str(data / "tok.json"))
+    base = dict(model=dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32),
+                train_files=[str(data / "train-00000.parquet")], val_files=[str(data / "val-00000.parquet")],
+                tokenizer=str(data / "tok.json"), out_dir=str(tmp_path / name / "out"),
+                checkpoint_dir=str(tmp_path / name / "ckpt"), micro_batch_size=4, warmup_steps=2, lr=1e-2,
+                max_steps=12, log_every=1, eval_every=100, eval_batches=1, checkpoint_every=3, threads=1,
+                data_key="tokens-v1")
+    spec = tr.TrainSpec(**(base | kw))
+    path = tmp_path / f"{name}-spec-{len(list(tmp_path.glob(name + '-spec-*')))}.json"
+    path.write_text(json.dumps(asdict(spec)))
+    return path
+
+
+def run(spec: Path, fault: str | None = None, launcher_procs: int = 0) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if fault:
+        env["FORJA_FAULT"] = fault
+    cmd = [sys.executable, "-m", "model.train", str(spec)]
+    if launcher_procs:
+        from tasks.pretrain import free_port
+
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--master_port", str(free_port()),
+               "--num_gpus", str(launcher_procs), "--module", "model.train", str(spec)]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def losses(folder: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    done = run(make_spec(tmp, "ref"))
+    assert done.returncode == 0, done.stdout[-3000:]
+    return tmp, losses(tmp / "ref")
+
+
+@pytest.mark.parametrize("fault", ["step:5", "step:10", "checkpoint-files-written:6"])
+def test_sigkill_then_rerun_gives_bit_identical_losses(reference, fault):
+    tmp, expected = reference
+    name = "kill-" + fault.replace(":", "-")
+    killed = run(make_spec(tmp, name), fault=fault)
+    assert killed.returncode == -9, killed.stdout[-2000:]
+    resumed = run(make_spec(tmp, name))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    kill_step = int(fault.split(":")[1])
+    last_complete = (kill_step - 1) // 3 * 3 if fault.startswith("checkpoint") else kill_step // 3 * 3
+    assert f"resumed from" in resumed.stdout and f"at step {last_complete}" in resumed.stdout
+    if fault.startswith("checkpoint"):  # killed between DeepSpeed's files and the commit marker
+        assert f"step-{kill_step} skipped: no commit marker" in resumed.stdout
+    assert losses(tmp / name) == expected  # every step 1..12, exactly (floats compared bit for bit)
+    assert len(list((tmp / name / "ckpt").glob("step-*"))) == 2  # two kept, the interrupted one pruned
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference):
+    tmp, expected = reference
+    first = run(make_spec(tmp, "trunc"), fault="step:8")  # complete checkpoints at 3 and 6
+    assert first.returncode == -9, first.stdout[-2000:]
+    newest = tmp / "trunc" / "ckpt" / "step-6"
+    victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    again = run(make_spec(tmp, "trunc"))
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "step-6 skipped" in again.stdout and "bytes" in again.stdout and "at step 3" in again.stdout
+    assert losses(tmp / "trunc") == expected
+
+
+def test_changed_model_or_data_against_the_checkpoint_is_a_hard_error(reference):
+    tmp, _ = reference
+    assert run(make_spec(tmp, "change", max_steps=3, checkpoint_every=2)).returncode == 0
+    wider = run(make_spec(tmp, "change", max_steps=6, checkpoint_every=2,
+                          model=dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)))
+    assert wider.returncode != 0 and "CheckpointMismatch" in wider.stdout + wider.stderr
+    assert "model.n_embd: checkpoint 32, now 64" in wider.stdout + wider.stderr
+    other_data = run(make_spec(tmp, "change", max_steps=6, checkpoint_every=2, data_key="tokens-v2"))
+    assert other_data.returncode != 0 and "data_key: checkpoint 'tokens-v1', now 'tokens-v2'" in other_data.stderr
+
+
+def test_two_ranks_under_the_launcher_draw_disjoint_data_and_end_identical(tmp_path):
+    done = run(make_spec(tmp_path, "ddp", max_steps=4, checkpoint_every=2), launcher_procs=2)
+    assert done.returncode == 0, done.stdout[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "ddp" / "out" / "ranks").glob("rank-*.json"))]
+    assert [r["rank"] for r in records] == [0, 1]
+    assert not set(records[0]["first_batch_rows"]) & set(records[1]["first_batch_rows"])
+    assert records[0]["weights_sha256"] == records[1]["weights_sha256"]
+    assert "world 2" in done.stdout
