@@ -407,8 +407,14 @@ def write_samples(model: GPT, tokenizer, spec: TrainSpec, step: int, out_dir: Pa
     """Greedy continuations of the fixed prompts, appended to samples.txt and logged to MLflow."""
     from model.generate import generate_text
 
-    texts = generate_text(model, tokenizer, spec.sample_prompts, spec.sample_tokens, temperature=0.0)
-    model.train()
+    n = min(spec.sample_tokens, model.cfg.block_size // 2)  # leave the prompt room in the context
+    try:
+        texts = generate_text(model, tokenizer, spec.sample_prompts, n, temperature=0.0)
+    except Exception as e:  # a view of the model; never stop training over it
+        print(f"samples at step {step} failed: {type(e).__name__}: {e}", flush=True)
+        return
+    finally:
+        model.train()
     block = f"## step {step}\n\n" + "".join(f"{p!r} -> {t!r}\n" for p, t in zip(spec.sample_prompts, texts)) + "\n"
     with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
         f.write(block)

@@ -198,6 +198,8 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
     spec = train_spec(cfg, tokens, out, ckpt)
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
     exp_id = tracking.setup(workdir, experiment)
+    if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+        mlflow.set_system_metrics_sampling_interval(5)  # CPU, memory (and GPU) every 5 s, not 10
     run_file = ckpt / "mlflow_run_id"  # a resumed training continues the same MLflow run
     run_id = run_file.read_text().strip() if run_file.exists() else None
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=f"pretrain-{key[:8]}",

@@ -27,7 +27,8 @@ def config_file(site, tmp_path):
         "normalize": {"min_chars": 100},
         "tokenize": {"vocab_size": 300, "seq_len": 32, "val_fraction": 0.2, "min_frequency": 1},
         "pretrain": {"preset": "micro", "max_steps": 6, "micro_batch_size": 4, "warmup_steps": 1, "log_every": 3,
-                     "eval_every": 3, "checkpoint_every": 3, "threads": 1},
+                     "eval_every": 3, "checkpoint_every": 3, "threads": 1, "grad_norms_every": 3,
+                     "sample_every": 3, "sample_prompts": ["O Linux"]},
         "evaluate": {"prompts": ["O Linux"], "max_new_tokens": 8},
         "register": {"model_name": "forja-test", "experiment": "forja-test"},
     }
@@ -64,6 +65,15 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, con
     mv = client.get_model_version_by_alias("forja-test", "candidate")
     assert client.get_model_version_by_alias("forja-test", "champion").version == mv.version
     assert mv.tags["forja.stage.crawl"] and mv.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    # The training run: live training metrics, per-layer gradients, samples, system metrics.
+    run = client.get_run(mv.run_id)
+    names = set(run.data.metrics)
+    assert {"train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_peak_gb"} <= names
+    assert {"grad_norm.blocks.0", "grad_norm.blocks.1", "grad_norm.embed"} <= names
+    assert 0 < run.data.metrics["mfu"] < 1 and run.data.metrics["memory_peak_gb"] > 0.05
+    assert any(n.startswith("system/") for n in names)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert "samples/step-000003.txt" in artifacts and "samples/step-000006.txt" in artifacts
     loaded = mlflow.pyfunc.load_model("models:/forja-test@candidate")
     out = loaded.predict(pd.DataFrame({"prompt": ["O Linux", "A rede"]}), params={"max_new_tokens": 5})
     assert len(out) == 2 and all(isinstance(t, str) for t in out)

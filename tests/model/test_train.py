@@ -97,3 +97,37 @@ def test_gradient_overflow_names_the_first_parameter_in_backward_order():
     _, loss = model(x, x)
     loss.backward()
     assert watch.first == "blocks.0.mlp.down.weight"
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly():
+    f = [tr.lr_factor(s, 10, 100, 0.1, "wsd", 0.2) for s in range(100)]
+    assert f[9] == 1.0 and all(x == 1.0 for x in f[10:80])
+    assert f[80] == 1.0 and f[90] == pytest.approx(0.55) and f[99] == pytest.approx(0.1 + 0.9 / 20)
+    assert all(a >= b for a, b in zip(f[80:], f[81:]))
+
+
+def test_deepspeed_config_follows_the_settings(tmp_path):
+    s = spec(tmp_path, zero_stage=2, grad_accum_steps=4, grad_clip=0.5)
+    cfg = tr.deepspeed_config(s, torch.float32)
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["gradient_accumulation_steps"] == 4
+    assert cfg["gradient_clipping"] == 0.5 and not cfg["bf16"]["enabled"]
+    assert tr.deepspeed_config(s, torch.bfloat16)["bf16"]["enabled"]
+
+
+def test_a_preset_too_big_for_the_device_fails_before_training_with_a_suggestion(tmp_path, monkeypatch):
+    from model import monitor
+    from model.config import from_preset
+
+    monkeypatch.setattr(monitor, "device_memory", lambda device: 16 * 2**30)
+    cfg = from_preset("1b", 32000, 2048)
+    s = spec(tmp_path, micro_batch_size=8)
+    with pytest.raises(MemoryError) as e:
+        tr.check_memory(cfg, s, "cpu", torch.float32, 1, "1b")
+    msg = str(e.value)
+    assert "1b" in msg and "GiB" in msg and "16.0 GiB is available" in msg
+    assert "smaller pretrain.preset" in msg and "zero_stage" in msg and "micro_batch_size" in msg
+    tr.check_memory(from_preset("tiny", 4096, 256), s, "cpu", torch.float32, 1, "tiny")  # fits: no error
+    # ZeRO-3 over 8 ranks divides the states: the estimate per rank falls
+    one = monitor.memory_estimate(cfg, 1, 0, 1, True)["states_bytes"]
+    eight = monitor.memory_estimate(cfg, 1, 3, 8, True)["states_bytes"]
+    assert eight == pytest.approx(one / 8)

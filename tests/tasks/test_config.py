@@ -44,3 +44,25 @@ def test_cross_field_check_says_what_to_change(tmp_path):
     p = write(tmp_path, "crawl:\n  seeds: [http://example.org/]\npretrain:\n  max_steps: 10\n  warmup_steps: 10\n")
     with pytest.raises(ConfigError, match=r"warmup_steps \(10\) must be < max_steps \(10\)"):
         load_config(p)
+
+
+def test_pretrain_bad_inputs_name_what_to_change(tmp_path):
+    from types import SimpleNamespace
+
+    from tasks import pretrain
+    from tasks.config import PretrainConfig
+
+    tokens = SimpleNamespace(folder=tmp_path / "tokenize-abc", stats={"rows": {"train": 3, "val": 1}, "seq_len": 256})
+    with pytest.raises(ValueError, match=r"tokenize stage \(.*tokenize-abc\) produced 3 training"):
+        pretrain.check_tokens(PretrainConfig(micro_batch_size=8), tokens)
+    empty = SimpleNamespace(folder=tmp_path / "t", stats={"rows": {"train": 0, "val": 0}, "seq_len": 256})
+    with pytest.raises(ValueError, match="produced 0 training and 0 validation"):
+        pretrain.check_tokens(PretrainConfig(), empty)
+    pretrain.check_tokens(PretrainConfig(micro_batch_size=2), tokens)  # enough: no error
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# nodes\nworker-7.invalid slots=8\n")
+    with pytest.raises(ConnectionError, match=r"host 'worker-7.invalid' is unreachable"):
+        pretrain.launch_command(PretrainConfig(hostfile=str(hostfile)), tmp_path / "spec.json")
+    cmd = pretrain.launch_command(PretrainConfig(num_gpus=4), tmp_path / "spec.json")
+    assert cmd[cmd.index("--num_gpus") + 1] == "4" and cmd[-3:] == ["--module", "model.train", str(tmp_path / "spec.json")]
