@@ -55,3 +55,17 @@ def test_vocabulary_report_and_token_page(tmp_path):
     assert 0 < m.stats["vocab_used_fraction"] <= 1
     page = m.path("tokens.html").read_text(encoding="utf-8")
     assert page.count("<span") > 10 and "bytes/token" in page
+
+
+def test_fast_encoder_gives_the_same_ids_as_tokenizers():
+    from tasks.config import TokenizeConfig
+    from tasks.tokenization import encode_all, fast_encoder, train_tokenizer
+    from tests.fixtures.site import SENTENCES
+
+    corpus = [" ".join(SENTENCES[i : i + 8]) for i in range(0, len(SENTENCES), 4)]
+    tok = train_tokenizer(corpus, TokenizeConfig(vocab_size=400, min_frequency=1))
+    tricky = ["Ação!  Três\tespaços\n\n\nlinhas 12345 6.7.8 🙂 — «aspas» it's we'll", "   ", "", "ﬁm do ﬂuxo",
+              "#" * 300, " x" * 50 + "\r\n"]
+    expected = [e.ids for e in tok.encode_batch(corpus + tricky)]
+    assert fast_encoder(tok).encode_ordinary_batch(corpus + tricky) == expected
+    assert encode_all(tok, corpus + tricky) == expected
