@@ -46,6 +46,9 @@ test-fast: install system-deps
 
 bench: install
 	$(BIN)/python benchmarks/dedupe.py
+	$(BIN)/python benchmarks/encode.py
+	$(BIN)/python benchmarks/loader.py
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(WORKDIR)

@@ -20,41 +20,42 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 so bf16 activations do not lose the tiny variances.
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles, (length, head_dim): both halves share a frequency."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); rotate pairs (even, odd) by position-dependent angles.
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+    """Rotate each (i, i + D/2) pair of x (B, H, T, D) by its position's angle (the Llama layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        kv_dim = cfg.n_kv_head * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, kv_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=False)
+        # q, k and v in one matmul: rows [0, n_head) are q heads, then n_kv_head k, then v.
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        qk = apply_rope(heads[:, : cfg.n_head + cfg.n_kv_head], cos, sin)  # q and k rotated together
+        q, k = qk.split((cfg.n_head, cfg.n_kv_head), dim=1)
+        v = heads[:, cfg.n_head + cfg.n_kv_head :]
         if cache is not None:  # (k, v) of earlier positions, for incremental decoding
             if cache[0] is not None:
                 k = torch.cat((cache[0], k), dim=2)
@@ -76,12 +77,12 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
-        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=False)  # gate rows, then up rows
         self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
