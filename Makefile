@@ -49,6 +49,7 @@ bench: install
 	$(BIN)/python benchmarks/encode.py
 	$(BIN)/python benchmarks/loader.py
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/train.py
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf $(WORKDIR)
