@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from tokenizers import Tokenizer
 
 from model.config import ModelConfig
@@ -20,7 +20,12 @@ EOT = "<|endoftext|>"
 def save_folder(model: GPT, tokenizer_path: Path, out: Path) -> None:
     """Write weights (safetensors), config and tokenizer: a folder that describes itself."""
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / WEIGHTS))  # handles the tied embedding/head weight
+    # Own contiguous copies: under ZeRO, DeepSpeed's parameters are views into flat buffers,
+    # which safetensors refuses. A tied head is stored once, as the embedding.
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / WEIGHTS))
     model.cfg.save(out / CONFIG)
     (out / TOKENIZER).write_bytes(Path(tokenizer_path).read_bytes())
 

@@ -380,14 +380,26 @@ def train(spec: TrainSpec) -> dict:
                "tokens": tokens_per_step * (spec.max_steps - start), "seconds": time.time() - t0,
                "params": model.num_params(), "world_size": world, "zero_stage": spec.zero_stage}
     write_rank_record(engine.module, batches, start * spec.grad_accum_steps, out_dir, rank)
-    if rank == 0:
-        from model.generate import save_folder
+    from model.generate import save_folder
 
-        save_folder(engine.module, Path(spec.tokenizer), out_dir)
+    with gathered(engine.module, spec.zero_stage):  # ZeRO-3: every rank helps rebuild the full weights
+        if rank == 0:
+            save_folder(engine.module, Path(spec.tokenizer), out_dir)
         (out_dir / "metrics.jsonl").write_text(metrics_file.read_text())
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     barrier()
     return summary
+
+
+def gathered(module: torch.nn.Module, zero_stage: int):
+    """A context in which the module's parameters are whole: ZeRO-3 partitions them."""
+    import contextlib
+
+    if zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
 def write_rank_record(model: GPT, batches: Batches, position: int, out_dir: Path, rank: int) -> None:
