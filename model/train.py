@@ -87,12 +87,17 @@ def device_and_dtype() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (for torch.distributed's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ensure_dist_env() -> None:
     """DeepSpeed needs the torch.distributed variables even for a single process."""
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
 

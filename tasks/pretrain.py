@@ -87,7 +87,8 @@ def check_hostfile(path: str) -> list[str]:
 
 def launch_command(cfg: PretrainConfig, spec_path: Path) -> list[str]:
     """The deepspeed launcher running `model.train` on one machine's processes or a hostfile's nodes."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--master_port", str(free_port())]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--master_port",
+           str(model.train.free_port())]
     if cfg.hostfile:
         check_hostfile(cfg.hostfile)
         cmd += ["--hostfile", cfg.hostfile]
@@ -96,28 +97,14 @@ def launch_command(cfg: PretrainConfig, spec_path: Path) -> list[str]:
     return cmd + ["--module", "model.train", str(spec_path)]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env(run_id: str, cfg: PretrainConfig) -> dict:
     env = dict(os.environ, MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", str(rank_threads(cfg)))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "forja" / "torch_extensions"))
-    env.setdefault("DS_ACCELERATOR", "cuda" if torch_cuda() else "cpu")
+    env.setdefault("DS_ACCELERATOR", model.train.device_and_dtype()[0])
     root = str(Path(__file__).resolve().parent.parent)  # the ranks import model.train from this checkout
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
-
-
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 REPORTED = ("step", "model:", "resumed", "checkpoint", "samples")  # training lines worth a Prefect log entry

@@ -47,11 +47,11 @@ def run(spec: Path, fault: str | None = None, launcher_procs: int = 0) -> subpro
     if fault:
         env["FORJA_FAULT"] = fault
     cmd = [sys.executable, "-m", "model.train", str(spec)]
-    if launcher_procs:
-        from tasks.pretrain import free_port
+    if launcher_procs:  # the command the pretrain task runs
+        from tasks.config import PretrainConfig
+        from tasks.pretrain import launch_command
 
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--master_port", str(free_port()),
-               "--num_gpus", str(launcher_procs), "--module", "model.train", str(spec)]
+        cmd = launch_command(PretrainConfig(num_gpus=launcher_procs), spec)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
