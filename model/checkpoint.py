@@ -17,12 +17,11 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 MARKER = "COMMIT.json"
 
 
 def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (also the stage manifests' file digest)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -120,6 +119,8 @@ def _deepspeed_state_classes() -> list:
 
 def use_safe_loading(engine) -> None:
     """Make the engine read checkpoints with weights_only=True (DeepSpeed's default unpickles)."""
+    import torch
+
     allowed = _deepspeed_state_classes()
 
     def load(path: str, map_location=None):

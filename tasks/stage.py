@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+# One file digest for stage manifests and checkpoints (model.checkpoint imports no torch at load).
+from model.checkpoint import file_sha256 as sha256_file
+
 log = logging.getLogger("forja.stage")
 MANIFEST = "manifest.json"
 
@@ -59,14 +62,6 @@ def shards(folder: str | Path, prefix: str = "documents") -> list[Path]:
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}.parquet"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def code_version(modules: list[ModuleType | str]) -> str:
