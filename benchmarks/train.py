@@ -4,9 +4,14 @@
 
 Both train on the same random tokens, with the same batch, context, thread count and
 device, for --steps steps after --warmup untimed ones:
-  forja     model.train.train: DeepSpeed engine (ZeRO 0, gloo or nccl), grad watch, metrics
+  forja     model.train under the deepspeed launcher, in the environment the pretrain task
+            gives its ranks (tasks.pretrain.child_env): DeepSpeed engine (ZeRO 0, gloo or
+            nccl), grad watch, metrics
   baseline  the nanoGPT-architecture model in benchmarks/nanogpt.py with the parameter count
-            closest to forja's, torch AdamW, a bare forward/backward/step loop
+            closest to forja's, torch AdamW, a bare forward/backward/step loop, run as a
+            plain script runs; then once more in forja's environment (on a CPU that is the
+            allocator setting of model.train.cpu_allocator_env), printed beside it so the
+            share of the model and loop and the share of the environment are both visible
 MFU is FLOPs per token (6N + attention) x tokens/s over one peak measured here (a fp32
 matmul on the CPU; the datasheet bf16 peak on known GPUs). On a GPU, run it with
 --preset gpt2-124m --seq 1024 --batch 16 (bf16). The last line is one JSON object.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,13 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model import monitor, train as forja_train  # noqa: E402
 from model.config import from_preset  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from nanogpt import NanoGPT, optimizer, width_for  # noqa: E402
+from tasks.config import PretrainConfig  # noqa: E402
+from tasks.pretrain import child_env, launch_command  # noqa: E402
 
 
 def baseline_rate(cfg, rows: np.ndarray, batch: int, steps: int, warmup: int, device: str, dtype) -> tuple[float, NanoGPT]:
@@ -68,45 +77,69 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)  # the same-environment rerun
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     device, dtype = forja_train.device_and_dtype()
     cfg = from_preset(args.preset, args.vocab, args.seq)
+    rows = np.random.default_rng(0).integers(0, args.vocab, size=(4096, args.seq + 1)).astype(np.uint16)
+    if args.baseline_only:
+        print(json.dumps({"tokens_per_s": baseline_rate(cfg, rows, args.batch, args.steps, args.warmup, device, dtype)[0]}))
+        return
     peak, source = monitor.peak_flops(device, dtype)
     print(f"device {device} ({dtype}), {args.threads} threads; peak {peak / 1e9:.0f} GFLOP/s ({source})")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows = np.random.default_rng(0).integers(0, args.vocab, size=(4096, args.seq + 1)).astype(np.uint16)
         np.save(tmp / "train.npy", rows)
         np.save(tmp / "val.npy", rows[:64])
         from tokenizers import Tokenizer, models
 
         Tokenizer(models.BPE()).save(str(tmp / "tok.json"))
         every = max(1, args.steps // 6)
+        if args.warmup % every:
+            raise SystemExit(f"--warmup ({args.warmup}) must be a multiple of the log interval ({every})")
         spec = forja_train.TrainSpec(
             model=asdict(cfg), train_files=[str(tmp / "train-00000.parquet")], val_files=[str(tmp / "val-00000.parquet")],
             tokenizer=str(tmp / "tok.json"), out_dir=str(tmp / "out"), checkpoint_dir=str(tmp / "ckpt"),
             max_steps=args.warmup + args.steps, micro_batch_size=args.batch, warmup_steps=min(10, args.warmup),
             log_every=every, eval_every=10**9, eval_batches=1, checkpoint_every=10**9, threads=args.threads)
-        if args.warmup % every:
-            raise SystemExit(f"--warmup ({args.warmup}) must be a multiple of the log interval ({every})")
-        forja_train.train(spec)
+        (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
+        # forja exactly as the pretrain task runs it: the deepspeed launcher, one rank, its environment.
+        launch = PretrainConfig(threads=args.threads)
+        env = child_env(None, launch) | {"OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run(launch_command(launch, tmp / "spec.json"), env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        print("\n".join(x for x in done.stdout.splitlines() if x.startswith(("model:", "step"))))
+        if done.returncode:
+            raise SystemExit(f"forja's training failed:\n{done.stdout[-3000:]}")
         rows_logged = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
         timed = [r for r in rows_logged if r["step"] > args.warmup]
         # tokens/s per interval, weighted by the interval's length in steps
         forja_tps = len(timed) / sum(1 / r["tokens_per_s"] for r in timed)
         forja_flops = GPT(cfg).flops_per_token()
-        base_tps, base_model = baseline_rate(cfg, rows, args.batch, args.steps, args.warmup, device, dtype)
+
+    # The baseline as a plain script runs: in this process, with the default allocator...
+    base_tps, base_model = baseline_rate(cfg, rows, args.batch, args.steps, args.warmup, device, dtype)
+    # ...and, to show what the model and loop alone account for, again in forja's environment.
+    again = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--baseline-only"], env=env, cwd=ROOT,
+                           text=True, capture_output=True)
+    if again.returncode:
+        raise SystemExit(f"the baseline in forja's environment failed:\n{again.stderr[-3000:]}")
+    same_env_tps = json.loads(again.stdout.splitlines()[-1])["tokens_per_s"]
 
     forja_mfu = forja_flops * forja_tps / peak
     base_mfu = base_model.flops_per_token() * base_tps / peak
+    same_env_mfu = base_model.flops_per_token() * same_env_tps / peak
     print(f"forja:    {GPT(cfg).num_params() / 1e6:.2f}M params, {forja_tps:8.0f} tokens/s, MFU {forja_mfu:.3f}")
     print(f"baseline: {base_model.num_params() / 1e6:.2f}M params, {base_tps:8.0f} tokens/s, MFU {base_mfu:.3f}")
+    print(f"baseline in forja's environment ({', '.join(k for k in env if k.startswith('MALLOC'))}): "
+          f"{same_env_tps:8.0f} tokens/s, MFU {same_env_mfu:.3f}")
     print(json.dumps({"preset": args.preset, "device": device, "tokens_per_s": round(forja_tps, 1),
                       "mfu": round(forja_mfu, 4), "baseline_tokens_per_s": round(base_tps, 1),
-                      "baseline_mfu": round(base_mfu, 4), "mfu_ratio": round(forja_mfu / base_mfu, 3)}))
+                      "baseline_mfu": round(base_mfu, 4), "mfu_ratio": round(forja_mfu / base_mfu, 3),
+                      "baseline_same_env_mfu": round(same_env_mfu, 4),
+                      "mfu_ratio_same_env": round(forja_mfu / same_env_mfu, 3)}))
 
 
 if __name__ == "__main__":

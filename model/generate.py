@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,64 +40,125 @@ def load_folder(folder: Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
     return model.to(device).eval(), Tokenizer.from_file(str(folder / TOKENIZER))
 
 
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to the longest sequence."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, length: int, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, length, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled (GPT.forward advances it after all layers)
+
+    def layer(self, i: int) -> "_LayerCache":
+        return _LayerCache(self, i)
+
+
+class _LayerCache:
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, end = self.cache, self.cache.length + k.shape[2]
+        c.k[self.i, :, :, c.length : end] = k
+        c.v[self.i, :, :, c.length : end] = v
+        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
+
+
+@dataclass
+class Sampling:
+    """How to pick each next token. temperature 0 is greedy (and ignores the rest)."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature >= 0,
+                  "top_k": self.top_k is None or self.top_k >= 0,
+                  "top_p": self.top_p is None or 0 < self.top_p <= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: max_new_tokens >= 1, "
+                                 "temperature >= 0, top_k >= 0 (0: off), 0 < top_p <= 1")
+
+
+def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= s.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+
+
+def fit_prompt(ids: list[int], room: int, where: str = "prompt") -> list[int]:
+    """Keep the last `room` tokens of a prompt too long for the context, saying so."""
+    if len(ids) > room:
+        log.warning("%s of %d tokens is longer than the context allows (%d with the new tokens): "
+                    "kept its last %d tokens", where, len(ids), room, room)
+        return ids[-room:]
+    return ids
+
+
 @torch.no_grad()
-def generate_ids(
-    model: GPT,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    generator: torch.Generator | None = None,
-    stop_id: int | None = None,
-) -> list[int]:
-    """Sample up to max_new_tokens after prompt_ids, reusing keys/values of past tokens."""
+def generate(model: GPT, prompts: list[list[int]], s: Sampling, stop_id: int | None = None,
+             use_cache: bool = True) -> list[list[int]]:
+    """New token ids for a batch of prompts, left-padded to one length.
+
+    With use_cache the keys and values of past positions are kept (one new position per
+    step); without it every step recomputes the whole sequence, which gives the same
+    tokens far more slowly (benchmarks/generate.py compares the two).
+    """
     cfg = model.cfg
     device = next(model.parameters()).device
-    room = cfg.block_size - max_new_tokens
+    room = cfg.block_size - s.max_new_tokens
     if room < 1:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be < the context ({cfg.block_size})")
-    if len(prompt_ids) > room:
-        log.warning("prompt of %d tokens truncated from the left to %d", len(prompt_ids), room)
-        prompt_ids = prompt_ids[-room:]
-    if not prompt_ids:
-        prompt_ids = [stop_id if stop_id is not None else 0]
-    caches = [[None, None] for _ in range(cfg.n_layer)]
-    x = torch.tensor([prompt_ids], device=device)
-    pos, out = 0, []
-    for _ in range(max_new_tokens):
-        logits = model(x, caches=caches, start=pos)[:, -1, :].float()
-        pos += x.shape[1]
-        if temperature <= 0:
-            nxt = int(logits.argmax(-1))
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=generator))
-        if stop_id is not None and nxt == stop_id:
+        raise ValueError(f"max_new_tokens ({s.max_new_tokens}) must be < the model's context ({cfg.block_size})")
+    filler = stop_id if stop_id is not None else 0
+    prompts = [fit_prompt(p, room) or [filler] for p in prompts]
+    width = max(len(p) for p in prompts)
+    pad = torch.tensor([width - len(p) for p in prompts], device=device)
+    pad = pad if bool(pad.any()) else None  # no padding: plain causal attention, no mask to build
+    x = torch.tensor([[filler] * (width - len(p)) + p for p in prompts], device=device)
+    generator = torch.Generator(device=device).manual_seed(s.seed) if s.temperature > 0 else None
+    cache = KVCache(cfg, len(prompts), width + s.max_new_tokens, device, next(model.parameters()).dtype) \
+        if use_cache else None
+    seq, out = x, torch.empty(len(prompts), 0, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(s.max_new_tokens):
+        logits = model(x if use_cache else seq, cache=cache, pad=pad)[:, -1, :]
+        nxt = pick(logits, s, generator)
+        if stop_id is not None:
+            nxt = nxt.masked_fill(done, stop_id)
+            done |= nxt == stop_id
+        out = torch.cat((out, nxt[:, None]), dim=1)
+        seq = torch.cat((seq, nxt[:, None]), dim=1)
+        x = nxt[:, None]
+        if bool(done.all()):
             break
-        out.append(nxt)
-        x = torch.tensor([[nxt]], device=device)
-    return out
+    result = []
+    for row in out.tolist():
+        result.append(row[: row.index(stop_id)] if stop_id is not None and stop_id in row else row)
+    return result
 
 
-def generate_text(
-    model: GPT,
-    tokenizer: Tokenizer,
-    prompts: list[str],
-    max_new_tokens: int = 64,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    seed: int = 0,
-) -> list[str]:
-    """Generate a continuation for each prompt; a fixed seed gives the same text."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], s: Sampling | None = None,
+                  batch_size: int = 8) -> list[str]:
+    """A continuation of each prompt, in batches; a fixed seed gives the same texts."""
+    s = s or Sampling()
     stop = tokenizer.token_to_id(EOT)
     model.eval()
     texts = []
-    for p in prompts:
-        ids = generate_ids(model, tokenizer.encode(p).ids, max_new_tokens, temperature, top_k, gen, stop)
-        texts.append(tokenizer.decode(ids))
+    for i in range(0, len(prompts), batch_size):
+        chunk = [tokenizer.encode(p).ids for p in prompts[i : i + batch_size]]
+        texts += [tokenizer.decode(ids) for ids in generate(model, chunk, s, stop)]
     return texts

@@ -11,7 +11,7 @@ import torch
 from prefect import task
 
 from model.data import eval_batches, open_rows
-from model.generate import generate_text, load_folder
+from model.generate import Sampling, generate_text, load_folder
 from tasks import stage, tracking
 from tasks.config import EvaluateConfig
 from tasks.reports import publish_counts
@@ -41,7 +41,7 @@ def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, 
         "val_bits_per_byte": loss / math.log(2) / tokens.stats["val_bytes_per_token"],
         "val_tokens": n,
     }
-    samples = generate_text(model, tokenizer, cfg.prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.seed)
+    samples = generate_text(model, tokenizer, cfg.prompts, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, None, cfg.seed))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     md = "\n\n".join(f"**{p}**{s}" for p, s in zip(cfg.prompts, samples))
     (out / "samples.md").write_text(md + "\n")

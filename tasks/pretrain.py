@@ -97,11 +97,20 @@ def launch_command(cfg: PretrainConfig, spec_path: Path) -> list[str]:
     return cmd + ["--module", "model.train", str(spec_path)]
 
 
-def child_env(run_id: str, cfg: PretrainConfig) -> dict:
-    env = dict(os.environ, MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), PYTHONUNBUFFERED="1")
+def child_env(run_id: str | None, cfg: PretrainConfig) -> dict:
+    """The environment of the launcher and its ranks: thread counts, compiled-op cache, the
+    accelerator, forja on the import path, the MLflow run to log to (when there is one) and,
+    on a CPU, an allocator that keeps freed memory (model.train.cpu_allocator_env)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if run_id is not None:
+        env |= {"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     env.setdefault("OMP_NUM_THREADS", str(rank_threads(cfg)))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "forja" / "torch_extensions"))
-    env.setdefault("DS_ACCELERATOR", model.train.device_and_dtype()[0])
+    device = model.train.device_and_dtype()[0]
+    env.setdefault("DS_ACCELERATOR", device)
+    if device == "cpu":
+        for k, v in model.train.cpu_allocator_env().items():
+            env.setdefault(k, v)
     root = str(Path(__file__).resolve().parent.parent)  # the ranks import model.train from this checkout
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.config import PRESETS, ModelConfig, from_preset
-from model.generate import generate_ids
+from model.generate import Sampling, generate
 from model.gpt import GPT
 
 
@@ -35,7 +35,7 @@ def test_kv_cache_greedy_equals_full_recompute():
     torch.manual_seed(0)
     model = GPT(tiny()).eval()
     prompt = [5, 17, 42, 7]
-    cached = generate_ids(model, prompt, 12, temperature=0)
+    cached = generate(model, [prompt], Sampling(12, temperature=0))[0]
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(12):
@@ -43,10 +43,46 @@ def test_kv_cache_greedy_equals_full_recompute():
     assert cached == seq[len(prompt):]
 
 
-def test_too_long_prompt_is_truncated_from_the_left_not_a_crash():
-    model = GPT(tiny()).eval()
-    out = generate_ids(model, list(range(100)), 8, temperature=0)
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
+    torch.manual_seed(0)
+    model = GPT(tiny(tie_embeddings=False)).eval()  # untied: a random tied model repeats its input
+    prompts = [[5, 17, 42, 7, 9, 11, 3], [8], [100, 200, 300]]  # three lengths: two rows are padded
+    greedy = Sampling(10, temperature=0)
+    alone = [generate(model, [p], greedy)[0] for p in prompts]
+    assert generate(model, prompts, greedy) == alone
+    assert generate(model, prompts, greedy, use_cache=False) == alone
+    # a row that stops early does not stop the others, and nothing after its stop token is kept
+    stop = next(t for r in alone for t in r if t != r[0])  # a token some row makes after others
+    stopped = generate(model, prompts, greedy, stop_id=stop)
+    assert stopped == [r[: r.index(stop)] if stop in r else r for r in alone]
+    assert any(0 < len(r) < 10 for r in stopped)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_top_p_restricts_the_choice():
+    torch.manual_seed(0)
+    model = GPT(tiny(tie_embeddings=False)).eval()  # untied: a random tied model repeats its input
+    s = Sampling(16, temperature=1.0, top_k=None, top_p=0.9, seed=3)
+    assert generate(model, [[1, 2, 3]], s) == generate(model, [[1, 2, 3]], s)
+    assert generate(model, [[1, 2, 3]], Sampling(16, 1.0, None, None, seed=3)) != \
+        generate(model, [[1, 2, 3]], Sampling(16, 1.0, None, None, seed=4))
+    # top_p so small that only the most likely token survives: sampling becomes greedy
+    assert generate(model, [[1, 2, 3]], Sampling(16, 1.0, None, 1e-6, seed=5)) == \
+        generate(model, [[1, 2, 3]], Sampling(16, temperature=0))
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5),
+                                          ("max_new_tokens", 0), ("top_k", -2)])
+def test_invalid_sampling_parameters_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        Sampling(**{field: value})
+
+
+def test_too_long_prompt_is_truncated_from_the_left_with_a_warning(caplog):
+    model = GPT(tiny()).eval()  # context 32
+    with caplog.at_level("WARNING"):
+        out = generate(model, [list(range(100))], Sampling(8, temperature=0))[0]
     assert len(out) == 8
+    assert "kept its last 24 tokens" in caplog.text
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
