@@ -1,6 +1,10 @@
 """The `forja` command line.
 
     forja run CONFIG.yaml [--set section.key=value ...] [--workdir DIR]
+    forja evaluate models:/NAME@ALIAS CONFIG.yaml     the config's evaluate suites; JSON last line
+    forja promote NAME VERSION                        move the champion alias to VERSION
+    forja rollback NAME                               move it back to the champion before
+    forja models NAME                                 versions, aliases and metrics
 
 Environment is settled before Prefect is imported: its home, results and the
 telemetry switches are read once, at import.
@@ -42,7 +46,75 @@ def parser() -> argparse.ArgumentParser:
                      help="override one config value (repeatable), e.g. --set dedupe.threshold=0.9")
     run.add_argument("--workdir", default=None,
                      help="where stage folders, MLflow and Prefect data go (default: $FORJA_WORKDIR or ./work)")
+    ev = sub.add_parser("evaluate", help="score a registered model version on a config's evaluation suites",
+                        description="Download MODEL_URI (its weights' sha256 checked), run CONFIG's evaluate.suites "
+                        "on it, record the metrics on the model version and print them; the last line is one JSON "
+                        "object.")
+    ev.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    ev.add_argument("config")
+    ev.add_argument("--workdir", default=None)
+    ev.add_argument("--no-record", action="store_true", help="do not write the metrics to the model version")
+    pr = sub.add_parser("promote", help="move the champion alias to a version (the previous one is remembered)")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    pr.add_argument("--workdir", default=None)
+    rb = sub.add_parser("rollback", help="move the champion alias back to the version it was on before")
+    rb.add_argument("name")
+    rb.add_argument("--workdir", default=None)
+    ls = sub.add_parser("models", help="a registered model's versions, aliases and metrics")
+    ls.add_argument("name")
+    ls.add_argument("--workdir", default=None)
     return p
+
+
+def registry_command(args, workdir: Path) -> int:
+    """evaluate / promote / rollback / models: the registry from the command line."""
+    import json
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tasks import registry, tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
+    client = mlflow.MlflowClient()
+    try:
+        if args.command == "evaluate":
+            from model.generate import load_folder
+            from tasks.config import ConfigError, load_config
+            from tasks.evaluate import evaluate_model, suite_digests
+
+            try:
+                cfg = load_config(args.config, []).evaluate
+            except ConfigError as e:
+                print(f"forja: {e}", file=sys.stderr)
+                return 2
+            if not cfg.suites:
+                print(f"forja: {args.config} lists no evaluate.suites", file=sys.stderr)
+                return 2
+            version = registry.resolve(client, args.model_uri)
+            with tempfile.TemporaryDirectory() as tmp:
+                model, tokenizer = load_folder(registry.download(client, version, Path(tmp)))
+                metrics, _ = evaluate_model(model, tokenizer, cfg)
+            if not args.no_record:
+                with registry.registry_lock(workdir):
+                    registry.record_metrics(client, version, metrics, suite_digests(cfg))
+            print(json.dumps({"model": version.name, "version": int(version.version), **metrics}))
+        elif args.command == "promote":
+            old = registry.promote(client, args.name, args.version)
+            print(f"{args.name}: champion {old} -> {args.version} (forja rollback {args.name} moves it back)")
+        elif args.command == "rollback":
+            old, new = registry.rollback(client, args.name)
+            print(f"{args.name}: champion {old} -> {new}")
+        else:
+            for row in registry.describe(client, args.name):
+                print(json.dumps(row))
+    except (registry.ModelNotFound, MlflowException, ValueError) as e:
+        message = e.message if isinstance(e, MlflowException) else str(e)
+        print(f"forja: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def report(result: dict, seconds: float) -> None:
@@ -70,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or os.environ.get("FORJA_WORKDIR", "work")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     prepare_env(workdir)
+    if args.command != "run":
+        return registry_command(args, workdir)
 
     from tasks.config import ConfigError, load_config
 

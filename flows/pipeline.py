@@ -9,7 +9,7 @@ from prefect import flow
 from tasks.config import load_config
 from tasks.crawl import crawl
 from tasks.dedupe import dedupe
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, suite_digests
 from tasks.normalize import normalize
 from tasks.pretrain import pretrain
 from tasks.register import register
@@ -38,7 +38,7 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
     normalized = normalize(cfg.normalize, deduped, wd)
     tokens = tokenize(cfg.tokenize, normalized, wd)
     trained = pretrain(cfg.pretrain, tokens, wd, cfg.register.experiment, [crawled, deduped, normalized])
-    evaluated = evaluate(cfg.evaluate, trained, tokens, wd)
+    evaluated = evaluate(cfg.evaluate, trained, tokens, wd, suite_digests(cfg.evaluate))
     lineage = {m.stage: m.key for m in (crawled, deduped, normalized, tokens, trained, evaluated)}
     registered = register(cfg.register, trained, evaluated, lineage, wd)
     return {

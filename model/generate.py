@@ -84,8 +84,9 @@ class Sampling:
                                  "temperature >= 0, top_k >= 0 (0: off), 0 < top_p <= 1")
 
 
-def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V)."""
+def pick(logits: torch.Tensor, s: Sampling, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V); one generator a row, so that a
+    prompt's sample does not depend on the other prompts of its batch."""
     if s.temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / s.temperature
@@ -97,7 +98,8 @@ def pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, -1) >= s.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+    probs = torch.softmax(logits, -1)
+    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
 
 
 def fit_prompt(ids: list[int], room: int, where: str = "prompt") -> list[int]:
@@ -129,14 +131,14 @@ def generate(model: GPT, prompts: list[list[int]], s: Sampling, stop_id: int | N
     pad = torch.tensor([width - len(p) for p in prompts], device=device)
     pad = pad if bool(pad.any()) else None  # no padding: plain causal attention, no mask to build
     x = torch.tensor([[filler] * (width - len(p)) + p for p in prompts], device=device)
-    generator = torch.Generator(device=device).manual_seed(s.seed) if s.temperature > 0 else None
+    generators = [torch.Generator(device=device).manual_seed(s.seed) for _ in prompts] if s.temperature > 0 else None
     cache = KVCache(cfg, len(prompts), width + s.max_new_tokens, device, next(model.parameters()).dtype) \
         if use_cache else None
     seq, out = x, torch.empty(len(prompts), 0, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(s.max_new_tokens):
         logits = model(x if use_cache else seq, cache=cache, pad=pad)[:, -1, :]
-        nxt = pick(logits, s, generator)
+        nxt = pick(logits, s, generators)
         if stop_id is not None:
             nxt = nxt.masked_fill(done, stop_id)
             done |= nxt == stop_id

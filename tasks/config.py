@@ -153,6 +153,18 @@ class PretrainConfig(Section):
         return self
 
 
+class SuiteConfig(Section):
+    """One evaluation suite: a JSONL file (formats in tasks/suites.py and the README)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="prefix of its metrics: NAME.metric")
+    kind: Literal["text", "choice", "classification", "generation"]
+    path: str
+    template: str = Field("{text}\n", description="classification: the prompt before a label ('{text}' is the item)")
+    labels: list[str] | str | None = Field(None, description="classification: the labels, or a JSON file listing them")
+    max_new_tokens: int = Field(64, ge=1, description="generation: tokens generated per prompt (greedy)")
+    limit: int | None = Field(None, ge=1, description="score only the first N items")
+
+
 class EvaluateConfig(Section):
     prompts: list[str] = Field(default_factory=lambda: ["O Linux é"])
     max_new_tokens: int = Field(48, ge=1)
@@ -160,6 +172,14 @@ class EvaluateConfig(Section):
     top_k: int = Field(50, ge=0)
     seed: int = 0
     batch_size: int = Field(8, ge=1)
+    suites: list[SuiteConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_suites(self):
+        names = [s.name for s in self.suites]
+        if len(names) != len(set(names)):
+            raise ValueError(f"evaluate.suites: names must be unique; got {names}")
+        return self
 
 
 class RegisterConfig(Section):
@@ -167,6 +187,7 @@ class RegisterConfig(Section):
     experiment: str = "forja"
     gate_metric: str = "val_loss"
     gate_direction: Literal["lower", "higher"] = "lower"
+    gate_margin: float = Field(0.0, ge=0, description="the candidate must beat the champion by more than this")
 
 
 # `register` is a stage name; shadowing ABCMeta.register on a data model is harmless.

@@ -1,4 +1,4 @@
-"""evaluate: held-out perplexity and bits per byte, and sample generations."""
+"""evaluate: held-out perplexity and bits per byte, the configured suites (tasks/suites.py), samples."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,12 @@ import torch
 from prefect import task
 
 from model.data import eval_batches, open_rows
+from model.checkpoint import file_sha256
 from model.generate import Sampling, generate_text, load_folder
 from tasks import stage, tracking
 from tasks.config import EvaluateConfig
 from tasks.reports import publish_counts
+from tasks.suites import Suite, SuiteError, run_suites
 
 log = logging.getLogger("forja.evaluate")
 
@@ -31,6 +33,55 @@ def heldout_loss(model, files: list[Path], batch_size: int) -> tuple[float, int]
     return total / count, count
 
 
+def suite_list(cfg: EvaluateConfig) -> list[Suite]:
+    """The configured suites, with classification labels read when given as a file."""
+    out = []
+    for sc in cfg.suites:
+        labels = sc.labels
+        if isinstance(labels, str):
+            try:
+                labels = json.loads(Path(labels).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise SuiteError(f"evaluate.suites[{sc.name}].labels: cannot read a JSON list from {labels}: {e}")
+        out.append(Suite(sc.name, sc.kind, str(Path(sc.path).resolve()), sc.template, labels, sc.max_new_tokens,
+                         sc.limit))
+    return out
+
+
+def suite_digests(cfg: EvaluateConfig) -> dict[str, str]:
+    """sha256 of each suite file: part of the stage's key, and recorded on model versions so
+    that two versions are only compared on the same items."""
+    out = {}
+    for sc in cfg.suites:
+        if not Path(sc.path).is_file():
+            raise SuiteError(f"evaluate.suites[{sc.name}]: suite file {sc.path} does not exist")
+        out[sc.name] = file_sha256(sc.path)
+    return out
+
+
+def evaluate_model(model, tokenizer, cfg: EvaluateConfig) -> tuple[dict, dict]:
+    """Suite metrics {"suite.metric": value} and the generations behind them."""
+    return run_suites(model, tokenizer, suite_list(cfg), cfg.batch_size)
+
+
+def metrics_table(metrics: dict) -> list[dict]:
+    rows = []
+    for k, v in metrics.items():
+        suite, _, metric = k.rpartition(".")
+        rows.append({"suite": suite or "heldout", "metric": metric, "value": round(v, 4)})
+    return rows
+
+
+def publish_table(key: str, metrics: dict, description: str) -> None:
+    """The metrics as a table artifact in the Prefect UI (when a run is active)."""
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(key=key, table=metrics_table(metrics), description=description)
+    except Exception as e:  # outside a flow run there is nowhere to publish
+        log.debug("no Prefect table for %s: %s", key, e)
+
+
 def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str, out: Path) -> dict:
     model, tokenizer = load_folder(Path(trained.folder))
     loss, n = heldout_loss(model, tokens.files_matching("val-"), cfg.batch_size)
@@ -41,29 +92,46 @@ def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, 
         "val_bits_per_byte": loss / math.log(2) / tokens.stats["val_bytes_per_token"],
         "val_tokens": n,
     }
-    samples = generate_text(model, tokenizer, cfg.prompts, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, None, cfg.seed))
+    suite_metrics, generations = evaluate_model(model, tokenizer, cfg)
+    metrics |= suite_metrics
+    samples = generate_text(model, tokenizer, cfg.prompts,
+                            Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, None, cfg.seed))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     md = "\n\n".join(f"**{p}**{s}" for p, s in zip(cfg.prompts, samples))
     (out / "samples.md").write_text(md + "\n")
+    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
+        for suite, rows in generations.items():
+            for r in rows:
+                f.write(json.dumps({"suite": suite, **r}, ensure_ascii=False) + "\n")
+    publish_table("evaluate-metrics", metrics, f"Evaluation of {trained.folder}")
     run_id = trained.stats.get("mlflow_run_id")
     if run_id:
         mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
         client = mlflow.MlflowClient()
         for k, v in metrics.items():
-            client.log_metric(run_id, f"eval_{k}", v)
+            client.log_metric(run_id, k if "." in k else f"eval_{k}", v)
         client.log_artifact(run_id, str(out / "samples.md"))
-    log.info("evaluate: val perplexity %.2f, %.3f bits/byte", metrics["val_perplexity"], metrics["val_bits_per_byte"])
-    return {**metrics, "samples": [{"prompt": p, "text": s} for p, s in zip(cfg.prompts, samples)]}
+        client.log_artifact(run_id, str(out / "generations.jsonl"))
+    log.info("evaluate: val perplexity %.2f, %.3f bits/byte; %s", metrics["val_perplexity"],
+             metrics["val_bits_per_byte"], ", ".join(f"{k} {v:.3f}" for k, v in suite_metrics.items()
+                                                     if not k.endswith(".items")))
+    return {**metrics, "suite_sha256": suite_digests(cfg),
+            "samples": [{"prompt": p, "text": s} for p, s in zip(cfg.prompts, samples)]}
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.evaluate", "model.data", "model.generate", "model.gpt")
+CODE = ("tasks.evaluate", "tasks.suites", "model.data", "model.generate", "model.gpt")
 
 
 @task(name="evaluate", persist_result=True, cache_policy=stage.cache_policy(*CODE))
-def evaluate(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str) -> stage.Manifest:
-    """Score the trained model on the held-out split and sample from it."""
-    m = stage.run_stage("evaluate", cfg, [trained, tokens], workdir,
+def evaluate(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str,
+             suites_sha256: dict[str, str] | None = None) -> stage.Manifest:
+    """Score the trained model on the held-out split and the configured suites, and sample from it.
+
+    suites_sha256 (suite_digests(cfg)) puts the suite files' contents in the cache keys.
+    """
+    key_config = cfg.model_dump(mode="json") | {"suites_sha256": suites_sha256 or suite_digests(cfg)}
+    m = stage.run_stage("evaluate", key_config, [trained, tokens], workdir,
                         lambda out, key: build(cfg, trained, tokens, workdir, out), CODE)
     publish_counts("evaluate", m)
     return m

@@ -1,8 +1,5 @@
-"""register: log the model to MLflow, register a version, and gate the champion alias.
-
-Every new version gets the alias `candidate`; `champion` moves to it only when its
-gate metric beats the current champion's.
-"""
+"""register: log the model to MLflow, register a version, and gate the champion alias
+(the rules are in tasks/registry.py)."""
 from __future__ import annotations
 
 import json
@@ -12,14 +9,15 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
 
 import model as model_pkg
 import model.serving
-from tasks import stage, tracking
+from model.checkpoint import file_sha256
+from model.generate import WEIGHTS
+from tasks import registry, stage, tracking
 from tasks.config import RegisterConfig
 from tasks.reports import publish_counts
 
@@ -30,7 +28,7 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("string")]),
     params=ParamSchema([
         ParamSpec("max_new_tokens", "long", 48), ParamSpec("temperature", "double", 0.8),
-        ParamSpec("top_k", "long", 50), ParamSpec("seed", "long", 0),
+        ParamSpec("top_k", "long", 50), ParamSpec("top_p", "double", 1.0), ParamSpec("seed", "long", -1),
     ]),
 )
 
@@ -51,57 +49,71 @@ def model_artifacts(trained: stage.Manifest) -> dict[str, str]:
             "tokenizer": str(trained.path(TOKENIZER))}
 
 
-def beats(new: float, old: float | None, direction: str) -> bool:
-    if old is None:
-        return True
-    return new < old if direction == "lower" else new > old
+def rescorer(evaluated: stage.Manifest, metric: str, workdir: str):
+    """Scores a champion on the candidate's suite when its recorded value came from another file."""
+    from tasks.config import EvaluateConfig
+    from tasks.evaluate import evaluate_model
 
+    cfg = EvaluateConfig(**{k: v for k, v in evaluated.config.items() if k != "suites_sha256"})
+    suite = registry.suite_of(metric)
 
-def current_champion(client: mlflow.MlflowClient, name: str, metric: str) -> tuple[str | None, float | None]:
-    try:
-        champ = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None, None
-    value = champ.tags.get(f"metric.{metric}")
-    return champ.version, (float(value) if value is not None else None)
+    def rescore(champion) -> float:
+        if suite is None:
+            raise ValueError(f"champion {champion.version} has no {metric!r} and held-out metrics cannot be "
+                             "recomputed here; gate on a suite metric")
+        import tempfile
+
+        from model.generate import load_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model, tokenizer = load_folder(registry.download(mlflow.MlflowClient(), champion, Path(tmp)))
+            sub = cfg.model_copy(update={"suites": [s for s in cfg.suites if s.name == suite]})
+            value = evaluate_model(model, tokenizer, sub)[0][metric]
+        log.info("register: champion %s re-scored on the current %s suite: %s %.4f", champion.version, suite,
+                 metric, value)
+        return value
+    return rescore
 
 
 def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
           workdir: str, out: Path) -> dict:
-    if cfg.gate_metric not in evaluated.stats:
+    metrics = {k: float(v) for k, v in evaluated.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if cfg.gate_metric not in metrics:
         raise ValueError(f"register.gate_metric {cfg.gate_metric!r} is not an evaluate metric; "
-                         f"choose one of {[k for k, v in evaluated.stats.items() if isinstance(v, float)]}")
+                         f"choose one of {sorted(metrics)}")
     tracking.setup(workdir, cfg.experiment)
     client = mlflow.MlflowClient()
     run_id = trained.stats["mlflow_run_id"]
+    weights_sha256 = file_sha256(trained.path(WEIGHTS))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=model.serving.__file__, artifacts=model_artifacts(trained),
             code_paths=[str(Path(model_pkg.__file__).parent)], signature=SIGNATURE,
-            input_example=pd.DataFrame({"prompt": ["O Linux é"]}), pip_requirements=requirements(),
+            input_example=(pd.DataFrame({"prompt": ["O Linux é"]}), {"max_new_tokens": 16, "temperature": 0.0}),
+            pip_requirements=requirements(), model_config={"weights_sha256": weights_sha256},
         )
     mv = mlflow.register_model(info.model_uri, cfg.model_name)
-    value = float(evaluated.stats[cfg.gate_metric])
     tags = {**{f"forja.stage.{s}": k for s, k in lineage.items()}, "prefect.flow_run_id": tracking.prefect_flow_run_id(),
-            "mlflow.run_id": run_id, f"metric.{cfg.gate_metric}": value}
+            "mlflow.run_id": run_id, "weights_sha256": weights_sha256}
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, mv.version, k, str(v))
-    client.set_registered_model_alias(cfg.model_name, "candidate", mv.version)
-    champ_version, champ_value = current_champion(client, cfg.model_name, cfg.gate_metric)
-    promoted = beats(value, champ_value, cfg.gate_direction)
-    if promoted:
-        client.set_registered_model_alias(cfg.model_name, "champion", mv.version)
-    log.info("register: %s version %s (%s=%.4f); champion %s", cfg.model_name, mv.version, cfg.gate_metric, value,
-             f"moved from {champ_version}" if promoted else f"stays on {champ_version} ({champ_value:.4f})")
+    registry.record_metrics(client, client.get_model_version(cfg.model_name, mv.version), metrics,
+                            evaluated.stats.get("suite_sha256", {}))
+    client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, mv.version)
+    with registry.registry_lock(workdir):
+        decision = registry.gate(client, cfg.model_name, mv.version, cfg.gate_metric, cfg.gate_direction,
+                                 cfg.gate_margin, rescorer(evaluated, cfg.gate_metric, workdir))
+    log.info("register: %s version %s (%s=%.4f); champion %s", cfg.model_name, mv.version, cfg.gate_metric,
+             metrics[cfg.gate_metric], f"moved from {decision['previous_champion']}" if decision["promoted"]
+             else f"stays on {decision['previous_champion']} ({decision['champion_value']:.4f})")
     stats = {"model_name": cfg.model_name, "version": int(mv.version), "model_uri": f"models:/{cfg.model_name}@candidate",
-             "mlflow_run_id": run_id, "promoted": promoted, "previous_champion": champ_version,
-             cfg.gate_metric: value}
+             "mlflow_run_id": run_id, "weights_sha256": weights_sha256, **decision}
     (out / "registration.json").write_text(json.dumps(stats, indent=2))
     return stats
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.register", "model.serving")
+CODE = ("tasks.register", "tasks.registry", "model.serving")
 
 
 @task(name="register", persist_result=True, cache_policy=stage.cache_policy(*CODE))

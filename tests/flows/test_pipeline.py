@@ -1,4 +1,9 @@
-"""The whole pipeline under Prefect's test harness, on the fixture site over loopback HTTP."""
+"""The whole pipeline under Prefect's test harness, on the fixture site over loopback HTTP, then the
+registry it fills: versions, the gate, the CLI, tampering."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 import yaml
@@ -16,8 +21,23 @@ def task_states(flow_run_id) -> dict[str, str]:
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
 
-@pytest.fixture
-def config_file(site, tmp_path):
+SUITES = {
+    "txt": ("text", [{"text": "O Linux é um sistema operacional livre, usado em servidores e computadores."}]),
+    "mc": ("choice", [{"question": "O comando cp", "choices": ["copia arquivos", "apaga a rede"], "answer": 0},
+                      {"question": "O comando ping", "choices": ["copia arquivos", "testa a rede"], "answer": 1}]),
+    "tema": ("classification", [{"text": "cp copia arquivos", "label": "arquivos"},
+                                {"text": "ping testa a rede", "label": "rede"}]),
+    "qa": ("generation", [{"prompt": "Pergunta: o que é o Linux?\nResposta:", "reference": "um sistema livre"},
+                          {"prompt": "Pergunta: o que faz o cp?\nResposta:", "reference": "copia arquivos"}]),
+}
+
+
+def write_config(folder, site):
+    suites = []
+    for name, (kind, rows) in SUITES.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        suites.append({"name": name, "kind": kind, "path": str(path), "max_new_tokens": 6})
     cfg = {
         "name": "test",
         "crawl": {"serve_dir": str(site), "seeds": ["{serve}/docs/index.html"], "delay_s": 0, "retries": 1,
@@ -29,41 +49,59 @@ def config_file(site, tmp_path):
         "pretrain": {"preset": "micro", "max_steps": 6, "micro_batch_size": 4, "warmup_steps": 1, "log_every": 3,
                      "eval_every": 3, "checkpoint_every": 3, "threads": 1, "grad_norms_every": 3,
                      "sample_every": 3, "sample_prompts": ["O Linux"]},
-        "evaluate": {"prompts": ["O Linux"], "max_new_tokens": 8},
-        "register": {"model_name": "forja-test", "experiment": "forja-test"},
+        "evaluate": {"prompts": ["O Linux"], "max_new_tokens": 8, "suites": suites},
+        "register": {"model_name": "forja-test", "experiment": "forja-test", "gate_metric": "txt.bits_per_byte",
+                     "gate_direction": "lower"},
     }
-    path = tmp_path / "test.yaml"
+    path = folder / "test.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     return path
 
 
-def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, config_file, tmp_path):
+@pytest.fixture(scope="module")
+def runs(prefect_harness, tmp_path_factory):
+    """The pipeline three times: fresh, all cached, and with dedupe changed (a second version)."""
+    from flows.pipeline import pipeline
+    from tests.fixtures.site import make_site
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = write_config(tmp, make_site(tmp / "site"))
+    workdir = str(tmp / "work")
+    first = pipeline(config_path=str(config), workdir=workdir, return_state=True)
+    second = pipeline(config_path=str(config), workdir=workdir, return_state=True)
+    third = pipeline(config_path=str(config), overrides=["dedupe.threshold=0.9"], workdir=workdir, return_state=True)
+    return SimpleNamespace(tmp=tmp, config=config, workdir=workdir, states=[first, second, third],
+                           tracking_uri=f"sqlite:///{tmp / 'work' / 'mlflow.db'}")
+
+
+@pytest.fixture
+def client(runs, monkeypatch):
     import mlflow
 
-    from flows.pipeline import pipeline
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", runs.tracking_uri)
+    mlflow.set_tracking_uri(runs.tracking_uri)
+    return mlflow.MlflowClient()
 
-    workdir = str(tmp_path / "work")
-    state = pipeline(config_path=str(config_file), workdir=workdir, return_state=True)
+
+def test_pipeline_end_to_end_then_cached_then_partial_rerun(runs, client):
+    import mlflow
+
+    state = runs.states[0]
     first = state.result()
     states = task_states(state.state_details.flow_run_id)
     assert set(states.values()) == {"Completed"}
     assert "normalize-shard" in states  # normalize mapped over the crawl's shards
     for s in STAGES:
-        assert (tmp_path / "work" / "artifacts" / s).is_dir()
-        (folder,) = [p for p in (tmp_path / "work" / "artifacts" / s).iterdir() if not p.name.startswith(".")]
-        assert (folder / "manifest.json").is_file()
+        assert (runs.tmp / "work" / "artifacts" / s).is_dir()
     assert first["val_perplexity"] > 1 and first["model_uri"] == "models:/forja-test@candidate"
 
     # Same config again: every stage is a Prefect cache hit and nothing is rebuilt.
-    state2 = pipeline(config_path=str(config_file), workdir=workdir, return_state=True)
+    state2 = runs.states[1]
     assert task_states(state2.state_details.flow_run_id) == {s: "Cached" for s in STAGES}  # no shard work either
     assert state2.result() == first
 
     # The registered version loads by alias and generates text for a table of prompts.
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    mv = client.get_model_version_by_alias("forja-test", "candidate")
-    assert client.get_model_version_by_alias("forja-test", "champion").version == mv.version
+    mv = client.get_model_version(name="forja-test", version="1")
     assert mv.tags["forja.stage.crawl"] and mv.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     # The training run: live training metrics, per-layer gradients, samples, system metrics.
     run = client.get_run(mv.run_id)
@@ -74,18 +112,104 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, con
     assert any(n.startswith("system/") for n in names)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert "samples/step-000003.txt" in artifacts and "samples/step-000006.txt" in artifacts
-    loaded = mlflow.pyfunc.load_model("models:/forja-test@candidate")
+    loaded = mlflow.pyfunc.load_model("models:/forja-test/1")
     out = loaded.predict(pd.DataFrame({"prompt": ["O Linux", "A rede"]}), params={"max_new_tokens": 5})
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
     # Changing dedupe reruns dedupe and everything after it, nothing before it.
-    state3 = pipeline(config_path=str(config_file), overrides=["dedupe.threshold=0.9"], workdir=workdir,
-                      return_state=True)
-    states = task_states(state3.state_details.flow_run_id)
+    states = task_states(runs.states[2].state_details.flow_run_id)
     assert states["crawl"] == "Cached"
     assert all(states[s] == "Completed" for s in STAGES[1:])
-    v2 = client.get_model_version_by_alias("forja-test", "candidate")
-    assert int(v2.version) == int(mv.version) + 1
+
+
+def test_versions_carry_suite_metrics_lineage_and_weights_digest_and_the_gate_picks_the_champion(runs, client):
+    from prefect.client.orchestration import get_client
+
+    v1, v2 = (client.get_model_version("forja-test", v) for v in ("1", "2"))
+    assert str(client.get_model_version_by_alias("forja-test", "candidate").version) == "2"
+    for v in (v1, v2):
+        metrics = {k[7:] for k in v.tags if k.startswith("metric.")}
+        assert {"txt.bits_per_byte", "mc.accuracy", "tema.macro_f1", "qa.bleu", "qa.chrf", "qa.token_f1",
+                "val_loss"} <= metrics
+        assert len(v.tags["weights_sha256"]) == 64 and len(v.tags["suite.txt.sha256"]) == 64
+        assert all(f"forja.stage.{s}" in v.tags for s in STAGES[:-1])
+    # The gate: lower txt.bits_per_byte wins the champion alias.
+    bpb = {str(v.version): float(v.tags["metric.txt.bits_per_byte"]) for v in (v1, v2)}
+    assert str(client.get_model_version_by_alias("forja-test", "champion").version) == min(bpb, key=bpb.get)
+    # The suite metrics are on the training run too, and in a Prefect table artifact.
+    assert "qa.chrf" in client.get_run(v1.run_id).data.metrics
+    with get_client(sync_client=True) as pc:
+        table = pc.read_latest_artifacts(limit=50)
+    assert any(a.key == "evaluate-metrics" for a in table)
+
+
+def cli(*args) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from flows.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_evaluates_a_registered_version_and_promotes_and_rolls_back(runs, client):
+    code, out, err = cli("evaluate", "models:/forja-test@champion", str(runs.config), "--workdir", runs.workdir)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
     champion = client.get_model_version_by_alias("forja-test", "champion")
-    losses = {v.version: float(v.tags["metric.val_loss"]) for v in (mv, v2)}
-    assert champion.version == min(losses, key=losses.get)
+    assert result["version"] == int(champion.version)
+    # the same model on the same suite: the registration's figure again
+    assert result["txt.bits_per_byte"] == pytest.approx(float(champion.tags["metric.txt.bits_per_byte"]), rel=1e-4)
+
+    code, _, err = cli("evaluate", "models:/forja-tset@champion", str(runs.config), "--workdir", runs.workdir)
+    assert code == 2 and "forja-test" in err and "forja-tset" in err
+
+    other = "1" if str(champion.version) == "2" else "2"
+    assert cli("promote", "forja-test", other, "--workdir", runs.workdir)[0] == 0
+    assert str(client.get_model_version_by_alias("forja-test", "champion").version) == other
+    assert cli("rollback", "forja-test", "--workdir", runs.workdir)[0] == 0
+    assert str(client.get_model_version_by_alias("forja-test", "champion").version) == str(champion.version)
+    code, out, _ = cli("models", "forja-test", "--workdir", runs.workdir)
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [r["version"] for r in rows] == [1, 2] and "champion" in rows[int(champion.version) - 1]["aliases"]
+
+
+def test_two_promotions_at_once_leave_champion_on_exactly_the_better_version(runs, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks import registry
+
+    for v, value in (("1", "2.0"), ("2", "1.0")):  # 2 is better on this made-up metric
+        client.set_model_version_tag("forja-test", v, "metric.race.score", value)
+    client.delete_registered_model_alias("forja-test", "champion")
+
+    def gate(version):
+        with registry.registry_lock(runs.workdir):
+            return registry.gate(client, "forja-test", version, "race.score", "lower", 0.0)
+
+    with ThreadPoolExecutor(2) as pool:
+        decisions = list(pool.map(gate, ["1", "2"]))
+    assert str(client.get_model_version_by_alias("forja-test", "champion").version) == "2"
+    assert sum(d["promoted"] for d in decisions) >= 1
+    # a margin the candidate does not clear keeps the champion where it is
+    client.set_model_version_tag("forja-test", "1", "metric.race.score", "0.95")
+    assert not registry.gate(client, "forja-test", "1", "race.score", "lower", 0.1)["promoted"]
+    assert str(client.get_model_version_by_alias("forja-test", "champion").version) == "2"
+
+
+def test_tampered_weights_are_refused_before_loading(runs, client, tmp_path):
+    import mlflow
+
+    from model.serving import TamperedWeights
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/forja-test/1", dst_path=str(tmp_path))
+    weights = next(Path(local).rglob("model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(Exception) as e:
+        mlflow.pyfunc.load_model(local)
+    assert isinstance(e.value, TamperedWeights) or "differs from the registered" in str(e.value)
