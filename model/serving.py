@@ -60,6 +60,12 @@ def sampling(params: dict | None) -> Sampling:
 
 class ForjaLM(PythonModel):
     def load_context(self, context):
+        if not log.handlers:  # a serving process: say per request what the cache did
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            log.propagate = False
         weights = context.artifacts["weights"]
         check_weights(weights, (context.model_config or {}).get("weights_sha256"))
         # The three files are logged side by side, so their folder is a model folder.

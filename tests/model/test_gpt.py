@@ -65,6 +65,8 @@ def test_sampling_is_reproducible_with_a_seed_and_top_p_restricts_the_choice():
     assert generate(model, [[1, 2, 3]], s) == generate(model, [[1, 2, 3]], s)
     assert generate(model, [[1, 2, 3]], Sampling(16, 1.0, None, None, seed=3)) != \
         generate(model, [[1, 2, 3]], Sampling(16, 1.0, None, None, seed=4))
+    # one generator a row: a prompt's sample does not depend on the rest of its batch
+    assert generate(model, [[1, 2, 3], [9, 8]], s)[0] == generate(model, [[1, 2, 3]], s)[0]
     # top_p so small that only the most likely token survives: sampling becomes greedy
     assert generate(model, [[1, 2, 3]], Sampling(16, 1.0, None, 1e-6, seed=5)) == \
         generate(model, [[1, 2, 3]], Sampling(16, temperature=0))
