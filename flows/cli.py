@@ -5,6 +5,7 @@
     forja promote NAME VERSION                        move the champion alias to VERSION
     forja rollback NAME                               move it back to the champion before
     forja models NAME                                 versions, aliases and metrics
+    forja export models:/NAME@ALIAS OUT_DIR           the Hugging Face (Llama) form of a version
 
 Environment is settled before Prefect is imported: its home, results and the
 telemetry switches are read once, at import.
@@ -64,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("models", help="a registered model's versions, aliases and metrics")
     ls.add_argument("name")
     ls.add_argument("--workdir", default=None)
+    ex = sub.add_parser("export", help="write a registered version in the Hugging Face format (Llama layout)")
+    ex.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    ex.add_argument("out", help="output folder (replaced)")
+    ex.add_argument("--workdir", default=None)
     return p
 
 
@@ -104,6 +109,13 @@ def registry_command(args, workdir: Path) -> int:
         elif args.command == "promote":
             old = registry.promote(client, args.name, args.version)
             print(f"{args.name}: champion {old} -> {args.version} (forja rollback {args.name} moves it back)")
+        elif args.command == "export":
+            from model.hf import export
+
+            version = registry.resolve(client, args.model_uri)
+            with tempfile.TemporaryDirectory() as tmp:
+                out = export(registry.download(client, version, Path(tmp)), Path(args.out))
+            print(f"{version.name} version {version.version} -> {out} (AutoModelForCausalLM.from_pretrained)")
         elif args.command == "rollback":
             old, new = registry.rollback(client, args.name)
             print(f"{args.name}: champion {old} -> {new}")

@@ -273,3 +273,12 @@ def test_mlflow_models_serve_answers_on_loopback_with_a_response_cache_and_400s(
         server.terminate()
         server.wait(timeout=30)
         log_file.close()
+
+
+def test_cli_exports_a_registered_version_that_transformers_loads(runs, client, tmp_path):
+    import transformers
+
+    code, out, err = cli("export", "models:/forja-test@champion", str(tmp_path / "hf"), "--workdir", runs.workdir)
+    assert code == 0, err
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert model.config.model_type == "llama" and (tmp_path / "hf" / "tokenizer.json").is_file()
