@@ -1,6 +1,7 @@
 """The `forja` command line.
 
     forja run CONFIG.yaml [--set section.key=value ...] [--workdir DIR]
+    forja finetune CONFIG.yaml [--set ...] [--workdir DIR]  fine-tune finetune.base_model on finetune.data
     forja evaluate models:/NAME@ALIAS CONFIG.yaml     the config's evaluate suites; JSON last line
     forja promote NAME VERSION                        move the champion alias to VERSION
     forja rollback NAME                               move it back to the champion before
@@ -47,6 +48,12 @@ def parser() -> argparse.ArgumentParser:
                      help="override one config value (repeatable), e.g. --set dedupe.threshold=0.9")
     run.add_argument("--workdir", default=None,
                      help="where stage folders, MLflow and Prefect data go (default: $FORJA_WORKDIR or ./work)")
+    ft = sub.add_parser("finetune", help="fine-tune a registered model on conversations (the config's finetune section)",
+                        description="Run the fine-tuning flow: finetune.base_model on finetune.data through the "
+                        "chat template, then its suites before and after, then register and gate the result.")
+    ft.add_argument("config")
+    ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ft.add_argument("--workdir", default=None)
     ev = sub.add_parser("evaluate", help="score a registered model version on a config's evaluation suites",
                         description="Download MODEL_URI (its weights' sha256 checked), run CONFIG's evaluate.suites "
                         "on it, record the metrics on the model version and print them; the last line is one JSON "
@@ -149,24 +156,54 @@ def report(result: dict, seconds: float) -> None:
             "--workers 1 --port 5000   -> http://127.0.0.1:5000")
 
 
+def report_finetune(result: dict, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.rule("[bold]forja finetune: done")
+    table = Table("metric", f"base ({result['base_model']})", "fine-tuned")
+    for row in result["comparison"]:
+        table.add_row(row["metric"], f"{row['base']:.4f}", f"{row['finetuned']:.4f}")
+    c.print(table)
+    status = "champion" if result["promoted"] else "candidate (champion unchanged)"
+    c.print(f"model   [bold]{result['model_uri']}[/]  version {result['model_version']}, {status}  ({seconds:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     workdir = Path(args.workdir or os.environ.get("FORJA_WORKDIR", "work")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     prepare_env(workdir)
-    if args.command != "run":
+    if args.command not in ("run", "finetune"):
         return registry_command(args, workdir)
 
     from tasks.config import ConfigError, load_config
+    from tasks.registry import ModelNotFound
 
     try:
-        load_config(args.config, args.overrides)  # fail fast, before Prefect starts
-    except ConfigError as e:
+        cfg = load_config(args.config, args.overrides)  # fail fast, before Prefect starts
+        if args.command == "finetune":
+            if cfg.finetune is None:
+                raise ConfigError(f"{args.config} has no finetune section (base_model, data, ...)")
+            import mlflow
+
+            from tasks import registry, tracking
+
+            mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
+            registry.resolve(mlflow.MlflowClient(), cfg.finetune.base_model)  # before Prefect starts
+    except (ConfigError, ModelNotFound) as e:
         print(f"forja: {e}", file=sys.stderr)
         return 2
+    t0 = time.time()
+    if args.command == "finetune":
+        from flows.finetune import finetune
+
+        report_finetune(finetune(config_path=args.config, overrides=args.overrides, workdir=str(workdir)),
+                        time.time() - t0)
+        return 0
     from flows.pipeline import pipeline
 
-    t0 = time.time()
     result = pipeline(config_path=args.config, overrides=args.overrides, workdir=str(workdir))
     report(result, time.time() - t0)
     return 0

@@ -22,6 +22,25 @@ def open_rows(files: list[Path]) -> np.ndarray:
     return read_rows(files)
 
 
+def open_mask(files: list[Path]) -> np.ndarray | None:
+    """The loss mask beside a split's rows (fine-tuning data: <split>.mask.npy), or None.
+
+    True marks tokens to learn; the targets of the others are ignored by the loss."""
+    files = [Path(f) for f in files]
+    if not files:
+        return None
+    mask = files[0].parent / (files[0].name.split("-")[0] + ".mask.npy")
+    return np.load(mask, mmap_mode="r") if mask.exists() else None
+
+
+def targets(chunk: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
+    """Next-token targets of rows; -100 (ignored by the loss) where the mask says not to learn."""
+    y = chunk[:, 1:].clone()
+    if mask is not None:
+        y[~torch.from_numpy(np.asarray(mask, dtype=bool)[:, 1:])] = -100
+    return y
+
+
 def read_rows(files: list[Path]) -> np.ndarray:
     """All packed rows of the given Parquet shards as one (rows, seq_len + 1) array."""
     parts = []
@@ -43,13 +62,15 @@ class Batches:
     checkpoint holds, so a resumed run draws exactly the batches the uninterrupted run would.
     """
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 mask: np.ndarray | None = None):
         if len(rows) < batch_size * world:
             raise ValueError(
                 f"only {len(rows)} training sequences for a global batch of {batch_size * world}: "
                 "lower pretrain.micro_batch_size or add data"
             )
         self.rows, self.batch_size, self.seed, self.rank, self.world = rows, batch_size, seed, rank, world
+        self.mask = mask
         self.per_epoch = len(rows) // (batch_size * world)  # the ragged tail of an epoch is skipped
         self._perm_epoch, self._perm = -1, None
 
@@ -64,12 +85,15 @@ class Batches:
 
     def get(self, position: int, device: str | torch.device = "cpu"):
         """(inputs, targets) of global batch number position, this rank's slice."""
-        chunk = torch.from_numpy(np.asarray(self.rows[self.indices(position)], dtype=np.int64))
-        return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+        idx = self.indices(position)
+        chunk = torch.from_numpy(np.asarray(self.rows[idx], dtype=np.int64))
+        y = targets(chunk, None if self.mask is None else self.mask[idx])
+        return chunk[:, :-1].to(device), y.to(device)
 
 
-def eval_batches(rows: np.ndarray, batch_size: int, max_batches: int, device="cpu"):
+def eval_batches(rows: np.ndarray, batch_size: int, max_batches: int, device="cpu", mask: np.ndarray | None = None):
     """The first max_batches fixed batches of a held-out split, in order."""
     for i in range(0, min(len(rows), batch_size * max_batches), batch_size):
         chunk = torch.from_numpy(np.asarray(rows[i : i + batch_size], dtype=np.int64))
-        yield chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+        y = targets(chunk, None if mask is None else mask[i : i + batch_size])
+        yield chunk[:, :-1].to(device), y.to(device)

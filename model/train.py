@@ -23,7 +23,7 @@ import torch
 
 from model import checkpoint, monitor
 from model.config import ModelConfig
-from model.data import Batches, eval_batches, open_rows
+from model.data import Batches, eval_batches, open_mask, open_rows
 from model.gpt import GPT
 
 log = logging.getLogger("forja.train")
@@ -61,6 +61,10 @@ class TrainSpec:
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 32
     grad_norms_every: int = 0  # per-layer gradient norms every this many steps (0: never)
+    init_from: str = ""  # a model folder whose weights training starts from (fine-tuning)
+    lora_rank: int = 0  # > 0: train low-rank adapters on lora_targets only, merged at the end
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "o_proj", "gate_up", "down"])
     extra: dict = field(default_factory=dict)
 
 
@@ -125,9 +129,11 @@ def build_engine(model: GPT, spec: TrainSpec):
     device, dtype = device_and_dtype()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA freezes the base weights
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]  # DeepSpeed drops empty groups (LoRA leaves no trainable norm weights)
     opt = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), fused=device == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
         s, spec.warmup_steps, spec.max_steps, spec.min_lr_ratio, spec.schedule, spec.decay_fraction))
@@ -201,9 +207,9 @@ def grad_norm(model: torch.nn.Module) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model: GPT, rows: np.ndarray, batch_size: int, max_batches: int, device) -> float:
+def evaluate_loss(model: GPT, rows: np.ndarray, batch_size: int, max_batches: int, device, mask=None) -> float:
     model.eval()
-    losses = [float(model(x, y)[1]) for x, y in eval_batches(rows, batch_size, max_batches, device)]
+    losses = [float(model(x, y)[1]) for x, y in eval_batches(rows, batch_size, max_batches, device, mask)]
     model.train()
     return sum(losses) / len(losses)
 
@@ -312,6 +318,18 @@ def train(spec: TrainSpec) -> dict:
     device, dtype = device_and_dtype()
     check_memory(cfg, spec, device, dtype, world, spec.extra.get("preset", "this model"))
     model = GPT(cfg)
+    if spec.init_from:
+        from safetensors.torch import load_model
+
+        from model.generate import WEIGHTS
+
+        load_model(model, str(Path(spec.init_from) / WEIGHTS))
+    if spec.lora_rank:
+        from model import lora
+
+        n = lora.apply(model, spec.lora_rank, spec.lora_alpha, tuple(spec.lora_targets))
+        print(f"LoRA rank {spec.lora_rank} on {', '.join(spec.lora_targets)}: {n / 1e3:.1f}K trainable parameters",
+              flush=True)
     engine, device = build_engine(model, spec)
     peak, peak_source = monitor.peak_flops(device, dtype)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs/token, "
@@ -319,12 +337,15 @@ def train(spec: TrainSpec) -> dict:
           f"peak {peak / 1e9:.0f} GFLOP/s per rank ({peak_source})", flush=True)
 
     train_rows, val_rows = open_rows(spec.train_files), open_rows(spec.val_files)
-    batches = Batches(train_rows, spec.micro_batch_size, spec.seed, rank, world)
+    val_mask = open_mask(spec.val_files)  # fine-tuning data: learn the responses only
+    batches = Batches(train_rows, spec.micro_batch_size, spec.seed, rank, world, mask=open_mask(spec.train_files))
     ckpt_dir, out_dir = Path(spec.checkpoint_dir), Path(spec.out_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = {"model": spec.model, "tokenizer_sha256": checkpoint.file_sha256(spec.tokenizer),
                    "data_key": spec.data_key}
+    if spec.init_from or spec.lora_rank:  # not in a pretraining fingerprint: its checkpoints still resume
+        fingerprint |= {"init_from": spec.init_from, "lora_rank": spec.lora_rank}
     start = resume(engine, ckpt_dir, fingerprint)
 
     # metrics.jsonl lives beside the checkpoints, cut back to the resumed step, so that a
@@ -384,7 +405,7 @@ def train(spec: TrainSpec) -> dict:
                        "mfu": flops_per_step * (done - last_step) / max(now - last_t, 1e-9) / (peak * world),
                        **monitor.memory_metrics(device), **layer_norms}
             if done % spec.eval_every == 0 or done == spec.max_steps:
-                val_loss = evaluate_loss(engine.module, val_rows, spec.micro_batch_size, spec.eval_batches, device)
+                val_loss = evaluate_loss(engine.module, val_rows, spec.micro_batch_size, spec.eval_batches, device, val_mask)
                 metrics |= {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
             if sink is not None:
                 sink.log(done, metrics)
@@ -402,6 +423,13 @@ def train(spec: TrainSpec) -> dict:
 
     with gathered(engine.module, spec.zero_stage):  # ZeRO-3: every rank helps rebuild the full weights
         if rank == 0:
+            if spec.lora_rank:  # the adapters alone, then folded in: the folder is a plain model
+                from safetensors.torch import save_file
+
+                from model import lora
+
+                save_file(lora.adapter_state(engine.module), str(out_dir / "adapter.safetensors"))
+                lora.merge(engine.module)
             save_folder(engine.module, Path(spec.tokenizer), out_dir)
         (out_dir / "metrics.jsonl").write_text(metrics_file.read_text())
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -162,6 +162,7 @@ class SuiteConfig(Section):
     template: str = Field("{text}\n", description="classification: the prompt before a label ('{text}' is the item)")
     labels: list[str] | str | None = Field(None, description="classification: the labels, or a JSON file listing them")
     max_new_tokens: int = Field(64, ge=1, description="generation: tokens generated per prompt (greedy)")
+    chat: bool = Field(False, description="generation: each prompt is a user message in the chat template")
     limit: int | None = Field(None, ge=1, description="score only the first N items")
 
 
@@ -194,6 +195,35 @@ class RegisterConfig(Section):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
+class LoraConfig(Section):
+    rank: int = Field(0, ge=0, description="0: fine-tune every weight; > 0: low-rank adapters of this rank")
+    alpha: float = Field(16.0, gt=0)
+    targets: list[Literal["qkv", "o_proj", "gate_up", "down"]] = ["qkv", "o_proj", "gate_up", "down"]
+
+
+def _finetune_training() -> "PretrainConfig":
+    return PretrainConfig(max_steps=150, lr=1e-3, warmup_steps=10, log_every=10, eval_every=25, eval_batches=4,
+                          checkpoint_every=50, micro_batch_size=8)
+
+
+class FinetuneConfig(Section):
+    """Fine-tuning a registered model on conversations (forja finetune CONFIG)."""
+
+    base_model: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION to start from")
+    data: str = Field(description='JSONL: {"messages": [{"role", "content"}, ...]} or {"prompt", "response"} a line')
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    seq_len: int | None = Field(None, ge=8, description="tokens per example (default: the base model's context)")
+    training: PretrainConfig = Field(default_factory=_finetune_training,
+                                     description="the training knobs of pretrain (preset and shape are the base's)")
+    lora: LoraConfig = LoraConfig()
+    suites: list[SuiteConfig] = Field(default_factory=list, description="scored before and after fine-tuning")
+    model_name: str = Field("forja-finetuned", min_length=1)
+    gate_metric: str = "val_loss"
+    gate_direction: Literal["lower", "higher"] = "lower"
+    gate_margin: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
 class ForjaConfig(Section):
     name: str = "forja"
     crawl: CrawlConfig
@@ -203,6 +233,7 @@ class ForjaConfig(Section):
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
+    finetune: FinetuneConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -256,6 +287,10 @@ def _describe(err: dict) -> str:
     if err["type"] == "extra_forbidden":
         section: type[BaseModel] = ForjaConfig
         for part in err["loc"][:-1]:
-            section = section.model_fields[part].annotation
+            if isinstance(part, int):  # an item of a list of sections
+                continue
+            annotation = section.model_fields[part].annotation
+            options = [annotation, *getattr(annotation, "__args__", ())]  # X | None, list[X]
+            section = next(a for a in options if isinstance(a, type) and issubclass(a, BaseModel))
         return f"unknown key '{key}' (valid keys here: {', '.join(section.model_fields)})"
     return f"{key}: {err['msg']}"

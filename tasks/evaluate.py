@@ -14,7 +14,7 @@ from model.data import eval_batches, open_rows
 from model.checkpoint import file_sha256
 from model.generate import Sampling, generate_text, load_folder
 from tasks import stage, tracking
-from tasks.config import EvaluateConfig
+from tasks.config import EvaluateConfig, SuiteConfig
 from tasks.reports import publish_counts
 from tasks.suites import Suite, SuiteError, run_suites
 
@@ -33,10 +33,10 @@ def heldout_loss(model, files: list[Path], batch_size: int) -> tuple[float, int]
     return total / count, count
 
 
-def suite_list(cfg: EvaluateConfig) -> list[Suite]:
+def suite_list(suites: list[SuiteConfig]) -> list[Suite]:
     """The configured suites, with classification labels read when given as a file."""
     out = []
-    for sc in cfg.suites:
+    for sc in suites:
         labels = sc.labels
         if isinstance(labels, str):
             try:
@@ -44,24 +44,26 @@ def suite_list(cfg: EvaluateConfig) -> list[Suite]:
             except (OSError, json.JSONDecodeError) as e:
                 raise SuiteError(f"evaluate.suites[{sc.name}].labels: cannot read a JSON list from {labels}: {e}")
         out.append(Suite(sc.name, sc.kind, str(Path(sc.path).resolve()), sc.template, labels, sc.max_new_tokens,
-                         sc.limit))
+                         sc.limit, sc.chat))
     return out
 
 
-def suite_digests(cfg: EvaluateConfig) -> dict[str, str]:
+def suite_digests(cfg: EvaluateConfig | list[SuiteConfig]) -> dict[str, str]:
     """sha256 of each suite file: part of the stage's key, and recorded on model versions so
     that two versions are only compared on the same items."""
     out = {}
-    for sc in cfg.suites:
+    for sc in cfg if isinstance(cfg, list) else cfg.suites:
         if not Path(sc.path).is_file():
             raise SuiteError(f"evaluate.suites[{sc.name}]: suite file {sc.path} does not exist")
         out[sc.name] = file_sha256(sc.path)
     return out
 
 
-def evaluate_model(model, tokenizer, cfg: EvaluateConfig) -> tuple[dict, dict]:
+def evaluate_model(model, tokenizer, cfg: EvaluateConfig | list[SuiteConfig], batch_size: int = 8) -> tuple[dict, dict]:
     """Suite metrics {"suite.metric": value} and the generations behind them."""
-    return run_suites(model, tokenizer, suite_list(cfg), cfg.batch_size)
+    if isinstance(cfg, EvaluateConfig):
+        cfg, batch_size = cfg.suites, cfg.batch_size
+    return run_suites(model, tokenizer, suite_list(cfg), batch_size)
 
 
 def metrics_table(metrics: dict) -> list[dict]:
@@ -72,14 +74,26 @@ def metrics_table(metrics: dict) -> list[dict]:
     return rows
 
 
-def publish_table(key: str, metrics: dict, description: str) -> None:
-    """The metrics as a table artifact in the Prefect UI (when a run is active)."""
+def publish_table(key: str, rows: list[dict], description: str) -> None:
+    """A table artifact in the Prefect UI (when a run is active)."""
     try:
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(key=key, table=metrics_table(metrics), description=description)
+        create_table_artifact(key=key, table=rows, description=description)
     except Exception as e:  # outside a flow run there is nowhere to publish
         log.debug("no Prefect table for %s: %s", key, e)
+
+
+def log_to_run(workdir: str, run_id: str | None, metrics: dict, files: list[Path], prefix: str = "") -> None:
+    """Evaluation metrics (held-out ones as eval_*, suite ones as suite.metric) and files on an MLflow run."""
+    if not run_id:
+        return
+    mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
+    client = mlflow.MlflowClient()
+    for k, v in metrics.items():
+        client.log_metric(run_id, prefix + (k if "." in k else f"eval_{k}"), v)
+    for f in files:
+        client.log_artifact(run_id, str(f))
 
 
 def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str, out: Path) -> dict:
@@ -103,15 +117,8 @@ def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, 
         for suite, rows in generations.items():
             for r in rows:
                 f.write(json.dumps({"suite": suite, **r}, ensure_ascii=False) + "\n")
-    publish_table("evaluate-metrics", metrics, f"Evaluation of {trained.folder}")
-    run_id = trained.stats.get("mlflow_run_id")
-    if run_id:
-        mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
-        client = mlflow.MlflowClient()
-        for k, v in metrics.items():
-            client.log_metric(run_id, k if "." in k else f"eval_{k}", v)
-        client.log_artifact(run_id, str(out / "samples.md"))
-        client.log_artifact(run_id, str(out / "generations.jsonl"))
+    publish_table("evaluate-metrics", metrics_table(metrics), f"Evaluation of {trained.folder}")
+    log_to_run(workdir, trained.stats.get("mlflow_run_id"), metrics, [out / "samples.md", out / "generations.jsonl"])
     log.info("evaluate: val perplexity %.2f, %.3f bits/byte; %s", metrics["val_perplexity"],
              metrics["val_bits_per_byte"], ", ".join(f"{k} {v:.3f}" for k, v in suite_metrics.items()
                                                      if not k.endswith(".items")))

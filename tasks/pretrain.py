@@ -166,7 +166,7 @@ class TrainingProgress:
             self.progress.stop()
 
 
-def loss_curve(metrics_file: Path, png: Path) -> None:
+def loss_curve(metrics_file: Path, png: Path, title: str = "forja pretraining") -> None:
     """A PNG of train and validation loss against step."""
     import matplotlib
 
@@ -178,7 +178,7 @@ def loss_curve(metrics_file: Path, png: Path) -> None:
     ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label="train")
     val = [r for r in rows if "val_loss" in r]
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="forja pretraining")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

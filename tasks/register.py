@@ -76,7 +76,7 @@ def rescorer(evaluated: stage.Manifest, metric: str, workdir: str):
 
 
 def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
-          workdir: str, out: Path) -> dict:
+          workdir: str, out: Path, extra_tags: dict[str, str] | None = None) -> dict:
     metrics = {k: float(v) for k, v in evaluated.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if cfg.gate_metric not in metrics:
         raise ValueError(f"register.gate_metric {cfg.gate_metric!r} is not an evaluate metric; "
@@ -94,7 +94,7 @@ def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifes
         )
     mv = mlflow.register_model(info.model_uri, cfg.model_name)
     tags = {**{f"forja.stage.{s}": k for s, k in lineage.items()}, "prefect.flow_run_id": tracking.prefect_flow_run_id(),
-            "mlflow.run_id": run_id, "weights_sha256": weights_sha256}
+            "mlflow.run_id": run_id, "weights_sha256": weights_sha256, **(extra_tags or {})}
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, mv.version, k, str(v))
     registry.record_metrics(client, client.get_model_version(cfg.model_name, mv.version), metrics,
@@ -118,9 +118,9 @@ CODE = ("tasks.register", "tasks.registry", "model.serving")
 
 @task(name="register", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def register(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
-             workdir: str) -> stage.Manifest:
+             workdir: str, extra_tags: dict[str, str] | None = None) -> stage.Manifest:
     """Register the trained, evaluated model in MLflow and move its aliases."""
     m = stage.run_stage("register", cfg, [trained, evaluated], workdir,
-                        lambda out, key: build(cfg, trained, evaluated, lineage, workdir, out), CODE)
+                        lambda out, key: build(cfg, trained, evaluated, lineage, workdir, out, extra_tags), CODE)
     publish_counts("register", m)
     return m

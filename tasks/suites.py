@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.chat import ChatTemplate
 from model.generate import EOT, Sampling, fit_prompt, generate
 
 FIELDS = {
@@ -47,9 +48,21 @@ class Suite:
     labels: list[str] | None = None  # classification: every label (default: those in the file)
     max_new_tokens: int = 64  # generation
     limit: int | None = None  # score only the first N items
+    chat: bool = False  # generation: prompts go through the chat template as user messages
 
     def load(self) -> list[dict]:
         return read_suite(Path(self.path), self.kind, self.limit)
+
+
+def jsonl_lines(path: Path, error=SuiteError):
+    """(where, value) for each non-blank line of a JSONL file; where is "path:line"."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def read_suite(path: Path, kind: str, limit: int | None = None) -> list[dict]:
@@ -59,14 +72,7 @@ def read_suite(path: Path, kind: str, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SuiteError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for where, item in jsonl_lines(path):
         if not isinstance(item, dict):
             raise SuiteError(f"{where}: expected a JSON object with {sorted(FIELDS[kind])}")
         for field, typ in FIELDS[kind].items():
@@ -124,12 +130,15 @@ class Scorer:
                 out.append(float(logp[r, pos, torch.tensor(cont, device=self.device)].sum()))
         return out
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, chat: bool = False) -> list[str]:
         s = Sampling(max_new_tokens=max_new_tokens, temperature=0)
+        template = ChatTemplate(self.tokenizer) if chat else None
+        stop = template.stop_id if template else self.eot
         texts = []
         for i in range(0, len(prompts), self.batch_size):
-            ids = [self.encode(p) for p in prompts[i : i + self.batch_size]]
-            texts += [self.tokenizer.decode(t) for t in generate(self.model, ids, s, self.eot)]
+            chunk = prompts[i : i + self.batch_size]
+            ids = [template.prompt([{"role": "user", "content": p}]) if template else self.encode(p) for p in chunk]
+            texts += [self.tokenizer.decode(t) for t in generate(self.model, ids, s, stop)]
         return texts
 
 
@@ -203,7 +212,7 @@ def token_f1(prediction: str, reference: str) -> float:
 def score_generation(scorer: Scorer, items: list[dict], suite: Suite) -> tuple[dict, list[dict]]:
     import sacrebleu
 
-    outputs = [o.strip() for o in scorer.generate([i["prompt"] for i in items], suite.max_new_tokens)]
+    outputs = [o.strip() for o in scorer.generate([i["prompt"] for i in items], suite.max_new_tokens, suite.chat)]
     refs = [i["reference"] if isinstance(i["reference"], list) else [i["reference"]] for i in items]
     streams = [[r[k] if k < len(r) else r[0] for r in refs] for k in range(max(len(r) for r in refs))]
     metrics = {

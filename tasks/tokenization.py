@@ -17,11 +17,11 @@ from prefect import task
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks import stage
+from model.chat import EOT, SPECIAL_TOKENS
 from tasks.config import TokenizeConfig
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.tokenize")
-EOT, PAD = "<|endoftext|>", "<|pad|>"
 
 
 def train_tokenizer(texts: list[str], cfg: TokenizeConfig) -> Tokenizer:
@@ -30,7 +30,7 @@ def train_tokenizer(texts: list[str], cfg: TokenizeConfig) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[EOT, PAD],
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
@@ -51,7 +51,7 @@ def fast_encoder(tok: Tokenizer):
     import tiktoken
 
     byte_of = {ch: b for b, ch in pre_tokenizers_byte_map().items()}
-    specials = {t: tok.token_to_id(t) for t in (EOT, PAD)}
+    specials = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     ranks = {bytes(byte_of[ch] for ch in token): i for token, i in tok.get_vocab().items() if token not in specials}
     return tiktoken.Encoding(name="forja-bpe", pat_str=BYTE_LEVEL_SPLIT, mergeable_ranks=ranks, special_tokens=specials)
 

@@ -7,7 +7,9 @@ The FAQ (Copyright Software in the Public Interest; licence in COPYRIGHT beside 
 is split into question/answer pairs. Every fifth question is held out for evaluation;
 the rest are the fine-tuning set. Written here, committed, and read by configs/demo.yaml:
 
-  qa-test.jsonl      generation: {"prompt", "reference"} (BLEU, chrF, token F1)
+  qa-test.jsonl      generation: {"prompt", "reference"} (BLEU, chrF, token F1), the
+                     question in a plain-text prompt (for the pretrained model)
+  qa-chat-test.jsonl the same, the bare question (a user message in the chat template)
   mc-test.jsonl      multiple choice: which answer belongs to the question
   chapter-test.jsonl classification: which chapter of the FAQ a question comes from
   text-test.jsonl    held-out text: the held-out answers (perplexity, bits per byte)
@@ -66,6 +68,7 @@ def main(src: str, out: Path) -> None:
     test, train = items[::5], [x for i, x in enumerate(items) if i % 5]
     write = lambda name, rows: (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write("qa-test.jsonl", [{"prompt": prompt(x["question"]), "reference": x["answer"]} for x in test])
+    write("qa-chat-test.jsonl", [{"prompt": x["question"], "reference": x["answer"]} for x in test])
     write("text-test.jsonl", [{"text": x["answer"]} for x in test])
     write("train.jsonl", [{"prompt": x["question"], "response": x["answer"]} for x in train])
     mc = []

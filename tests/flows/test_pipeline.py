@@ -282,3 +282,66 @@ def test_cli_exports_a_registered_version_that_transformers_loads(runs, client, 
     assert code == 0, err
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert model.config.model_type == "llama" and (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def finetune_config(runs, tmp_path, base="models:/forja-test@champion") -> Path:
+    pairs = [("O que faz o cp?", "Copia arquivos."), ("O que faz o mv?", "Move arquivos."),
+             ("O que faz o ls?", "Lista arquivos."), ("O que faz o rm?", "Remove arquivos."),
+             ("O que faz o ping?", "Testa a rede."), ("O que faz o cat?", "Mostra arquivos.")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "response": a}, ensure_ascii=False) + "\n" for q, a in pairs)
+                    + json.dumps({"messages": [{"role": "user", "content": "E o cd?"},
+                                               {"role": "assistant", "content": "Muda de pasta."}]}) + "\n")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": "O que faz o cp?", "reference": "Copia arquivos."}) + "\n")
+    cfg = yaml.safe_load(runs.config.read_text())
+    cfg["finetune"] = {
+        "base_model": base, "data": str(data), "val_fraction": 0.3, "model_name": "forja-test-ft",
+        "training": {"max_steps": 4, "micro_batch_size": 2, "warmup_steps": 1, "log_every": 2, "eval_every": 2,
+                     "checkpoint_every": 2, "threads": 1, "eval_batches": 1},
+        "lora": {"rank": 4, "alpha": 8},
+        "suites": [{"name": "qa_chat", "kind": "generation", "path": str(chat), "chat": True, "max_new_tokens": 4}],
+        "gate_metric": "qa_chat.chrf", "gate_direction": "higher",
+    }
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+def test_finetune_flow_trains_lora_on_responses_only_and_registers_a_child_version(runs, client, tmp_path):
+    import mlflow
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from flows.finetune import finetune
+
+    result = finetune(config_path=str(finetune_config(runs, tmp_path)), workdir=runs.workdir)
+    parent = client.get_model_version_by_alias("forja-test", "champion")
+    assert result["base_model"] == f"forja-test/{parent.version}"
+    rows = {r["metric"]: r for r in result["comparison"]}
+    assert {"qa_chat.chrf", "qa_chat.bleu", "qa_chat.token_f1", "val_loss"} <= set(rows)
+    assert all({"base", "finetuned"} <= set(r) for r in rows.values())
+
+    # The rendered data: every learned token is a response's or its <|end|>.
+    data = Path(result["stages"]["sft-data"])
+    tok = Tokenizer.from_file(str(data / "base" / "tokenizer.json"))
+    tokens, mask = np.load(data / "train.npy"), np.load(data / "train.mask.npy")
+    learned = {tok.decode([int(t) for t in r[m]], skip_special_tokens=False) for r, m in zip(tokens, mask)}
+    responses = {"Copia arquivos.", "Move arquivos.", "Lista arquivos.", "Remove arquivos.", "Testa a rede.",
+                 "Mostra arquivos.", "Muda de pasta."}
+    assert learned and all(x.endswith("<|end|>") and x[: -len("<|end|>")] in responses for x in learned)
+
+    trained = Path(result["stages"]["finetune"])
+    assert (trained / "adapter.safetensors").is_file() and (trained / "model.safetensors").is_file()
+    v = client.get_model_version("forja-test-ft", str(result["model_version"]))
+    assert v.tags["forja.parent"] == f"forja-test/{parent.version}" and "metric.qa_chat.chrf" in v.tags
+    assert str(client.get_model_version_by_alias("forja-test-ft", "champion").version) == str(v.version)
+    out = mlflow.pyfunc.load_model(f"models:/forja-test-ft/{v.version}").predict(
+        pd.DataFrame({"prompt": ["O Linux"]}), params={"max_new_tokens": 3, "temperature": 0})
+    assert len(out) == 1
+
+
+def test_finetune_from_a_model_that_does_not_exist_names_the_registered_ones(runs, tmp_path):
+    code, _, err = cli("finetune", str(finetune_config(runs, tmp_path, "models:/nope@champion")),
+                       "--workdir", runs.workdir)
+    assert code == 2 and "nope" in err and "forja-test" in err

@@ -21,7 +21,11 @@ def test_tokenizer_round_trips_text_exactly(tmp_path):
     tok = t.train_tokenizer(texts, CFG)
     for s in [texts[0], "Acentuação: ç ã é ü — “aspas” 日本語 🙂\n\ttab  dois espaços"]:
         assert tok.decode(tok.encode(s).ids) == s
-    assert tok.token_to_id(t.EOT) is not None and tok.token_to_id(t.PAD) is not None
+    from model.chat import SPECIAL_TOKENS
+
+    # the document separator, padding and the chat template's role markers are single reserved ids
+    assert all(tok.token_to_id(s) is not None for s in SPECIAL_TOKENS)
+    assert all(tok.encode(s).ids == [tok.token_to_id(s)] for s in SPECIAL_TOKENS)
     assert tok.get_vocab_size() == 400
 
 

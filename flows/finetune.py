@@ -1,0 +1,38 @@
+"""The fine-tuning flow: a registered version + conversations -> a registered, gated fine-tune.
+
+    forja finetune CONFIG.yaml      (the config's finetune section; MLflow experiment of register)
+"""
+from __future__ import annotations
+
+import os
+
+from prefect import flow
+
+from tasks.config import ConfigError, RegisterConfig, load_config
+from tasks.evaluate import suite_digests
+from tasks.finetune import base_digests, compare, finetune_train, sft_data
+from tasks.register import register
+
+
+@flow(name="forja-finetune", log_prints=True)
+def finetune(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
+             workdir: str | None = None) -> dict:
+    """Fine-tune finetune.base_model on finetune.data, score it against its base, register it."""
+    cfg = load_config(config_path, overrides or [])
+    if cfg.finetune is None:
+        raise ConfigError(f"{config_path} has no finetune section (base_model, data, ...)")
+    ft = cfg.finetune
+    wd = os.path.abspath(workdir or os.environ.get("FORJA_WORKDIR", "work"))
+    base_sha, data_sha = base_digests(ft, wd)
+    data = sft_data(ft, wd, base_sha, data_sha)
+    trained = finetune_train(ft, data, wd, cfg.register.experiment)
+    scored = compare(ft, data, trained, wd, suite_digests(list(ft.suites)))
+    gate = RegisterConfig(model_name=ft.model_name, experiment=cfg.register.experiment, gate_metric=ft.gate_metric,
+                          gate_direction=ft.gate_direction, gate_margin=ft.gate_margin)
+    registered = register(gate, trained, scored, {m.stage: m.key for m in (data, trained, scored)}, wd,
+                          {"forja.parent": data.stats["base_model"], "forja.parent_uri": ft.base_model})
+    return {
+        "workdir": wd, "base_model": data.stats["base_model"], "comparison": scored.stats["comparison"],
+        "model_uri": registered.stats["model_uri"], "model_version": registered.stats["version"],
+        "promoted": registered.stats["promoted"], "stages": {m.stage: m.folder for m in (data, trained, scored)},
+    }
