@@ -2,6 +2,7 @@
 
     forja run CONFIG.yaml [--set section.key=value ...] [--workdir DIR]
     forja finetune CONFIG.yaml [--set ...] [--workdir DIR]  fine-tune finetune.base_model on finetune.data
+    forja batch models:/NAME@ALIAS INPUT OUTPUT_DIR   prompts (Parquet/JSONL) -> Parquet shards, resumable
     forja evaluate models:/NAME@ALIAS CONFIG.yaml     the config's evaluate suites; JSON last line
     forja promote NAME VERSION                        move the champion alias to VERSION
     forja rollback NAME                               move it back to the champion before
@@ -54,6 +55,21 @@ def parser() -> argparse.ArgumentParser:
     ft.add_argument("config")
     ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ft.add_argument("--workdir", default=None)
+    bt = sub.add_parser("batch", help="generate for a file of prompts into Parquet shards (resumable)",
+                        description="Batch inference with a registered version: INPUT is Parquet (a 'prompt' column) "
+                        "or JSONL ({'prompt': ...} a line); OUTPUT_DIR gets part-NNNNN.parquet shards (row, prompt, "
+                        "output). A rerun skips finished shards.")
+    bt.add_argument("model_uri")
+    bt.add_argument("input")
+    bt.add_argument("output_dir")
+    bt.add_argument("--shard-size", type=int, default=256)
+    bt.add_argument("--batch-size", type=int, default=8)
+    bt.add_argument("--max-new-tokens", type=int, default=64)
+    bt.add_argument("--temperature", type=float, default=0.0)
+    bt.add_argument("--top-k", type=int, default=50)
+    bt.add_argument("--top-p", type=float, default=1.0)
+    bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--workdir", default=None)
     ev = sub.add_parser("evaluate", help="score a registered model version on a config's evaluation suites",
                         description="Download MODEL_URI (its weights' sha256 checked), run CONFIG's evaluate.suites "
                         "on it, record the metrics on the model version and print them; the last line is one JSON "
@@ -156,6 +172,31 @@ def report(result: dict, seconds: float) -> None:
             "--workers 1 --port 5000   -> http://127.0.0.1:5000")
 
 
+def batch_command(args, workdir: Path) -> int:
+    import json
+
+    import mlflow
+
+    from model.generate import Sampling
+    from tasks import registry, tracking
+
+    try:
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
+        mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
+        registry.resolve(mlflow.MlflowClient(), args.model_uri)  # before Prefect starts
+        if not Path(args.input).is_file():
+            raise FileNotFoundError(f"batch input {args.input} does not exist")
+    except (ValueError, LookupError, FileNotFoundError) as e:
+        print(f"forja: {e}", file=sys.stderr)
+        return 2
+    from flows.batch import batch
+
+    summary = batch(args.model_uri, args.input, args.output_dir, args.shard_size, sampling.__dict__,
+                    args.batch_size, str(workdir))
+    print(json.dumps(summary))
+    return 0
+
+
 def report_finetune(result: dict, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -175,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or os.environ.get("FORJA_WORKDIR", "work")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     prepare_env(workdir)
+    if args.command == "batch":
+        return batch_command(args, workdir)
     if args.command not in ("run", "finetune"):
         return registry_command(args, workdir)
 

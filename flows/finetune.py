@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from prefect import flow
@@ -12,6 +13,8 @@ from tasks.config import ConfigError, RegisterConfig, load_config
 from tasks.evaluate import suite_digests
 from tasks.finetune import base_digests, compare, finetune_train, sft_data
 from tasks.register import register
+
+logging.getLogger("forja").setLevel(logging.INFO)  # stage progress into the Prefect run's log
 
 
 @flow(name="forja-finetune", log_prints=True)

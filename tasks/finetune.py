@@ -136,7 +136,7 @@ def build_training(cfg: FinetuneConfig, data: stage.Manifest, workdir: str, expe
                              "forja.parent": data.stats["base_model"],
                              "prefect.flow_run_id": tracking.prefect_flow_run_id()})
         pretrain_task.run_training(pretrain_task.launch_command(t, out / "spec.json"),
-                                   pretrain_task.child_env(run.info.run_id, t), t.max_steps)
+                                   pretrain_task.child_env(run.info.run_id, t), t.max_steps, "finetune")
         pretrain_task.loss_curve(out / "metrics.jsonl", out / "loss_curve.png", "forja fine-tuning")
         for f in ("loss_curve.png", "metrics.jsonl", "samples.txt", "adapter.safetensors"):
             if (out / f).exists():

@@ -119,19 +119,19 @@ def child_env(run_id: str | None, cfg: PretrainConfig) -> dict:
 REPORTED = ("step", "model:", "resumed", "checkpoint", "samples")  # training lines worth a Prefect log entry
 
 
-def run_training(cmd: list[str], env: dict, max_steps: int) -> None:
+def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretrain") -> None:
     """Run the launcher, logging its ranks' progress; raise with the last lines if it fails.
 
     On a terminal, a progress bar shows step, loss and tokens/s as well.
     """
     tail: deque[str] = deque(maxlen=30)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with TrainingProgress(max_steps) as bar:
+    with TrainingProgress(max_steps, label) as bar:
         for line in proc.stdout:
             line = line.rstrip()
             tail.append(line)
             if line.startswith(REPORTED):
-                log.info("pretrain: %s", line)
+                logging.getLogger(f"forja.{label}").info("%s: %s", label, line)
                 bar.update(line)
     if proc.wait():
         raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
@@ -140,17 +140,17 @@ def run_training(cmd: list[str], env: dict, max_steps: int) -> None:
 class TrainingProgress:
     """A rich progress bar fed by the training's `step N key=value ...` lines (terminals only)."""
 
-    def __init__(self, total: int):
-        self.total, self.progress, self.task = total, None, None
+    def __init__(self, total: int, label: str = "pretrain"):
+        self.total, self.label, self.progress, self.task = total, label, None, None
 
     def __enter__(self):
         if sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("pretrain"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+            self.progress = Progress(TextColumn(self.label), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
             self.progress.start()
-            self.task = self.progress.add_task("pretrain", total=self.total, info="")
+            self.task = self.progress.add_task(self.label, total=self.total, info="")
         return self
 
     def update(self, line: str) -> None:

@@ -345,3 +345,33 @@ def test_finetune_from_a_model_that_does_not_exist_names_the_registered_ones(run
     code, _, err = cli("finetune", str(finetune_config(runs, tmp_path, "models:/nope@champion")),
                        "--workdir", runs.workdir)
     assert code == 2 and "nope" in err and "forja-test" in err
+
+
+def test_batch_inference_writes_parquet_shards_and_resumes_after_a_crash(runs, client, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from flows.batch import batch
+    from model.generate import Sampling, generate_text, load_folder
+    from tasks import registry
+
+    prompts = [f"O Linux {i}" for i in range(7)]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "out"
+    greedy = {"max_new_tokens": 4, "temperature": 0.0}
+    monkeypatch.setenv("FORJA_FAULT", "batch-shard:1")  # the job dies after writing its second shard
+    with pytest.raises(BaseException):
+        batch("models:/forja-test@champion", str(src), str(out), shard_size=3, sampling=greedy, workdir=runs.workdir)
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    first = (out / "part-00000.parquet").stat().st_mtime_ns
+    monkeypatch.delenv("FORJA_FAULT")
+    summary = batch("models:/forja-test@champion", str(src), str(out), shard_size=3, sampling=greedy,
+                    workdir=runs.workdir)
+    assert summary["shards"] == 3 and summary["resumed_shards"] == 2
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == first  # not redone
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    assert table.column("row").to_pylist() == list(range(7)) and table.column("prompt").to_pylist() == prompts
+    version = registry.resolve(client, "models:/forja-test@champion")
+    model, tok = load_folder(registry.download(client, version, tmp_path / "m"))
+    assert table.column("output").to_pylist() == generate_text(model, tok, prompts, Sampling(**greedy))
+    assert (out / "_SUCCESS.json").is_file()
