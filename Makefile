@@ -10,10 +10,11 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install system-deps demo test test-fast bench clean help
+.PHONY: install system-deps demo serve test test-fast bench clean help
 
 help:
-	@echo "make demo     install, then run the pipeline on configs/demo.yaml (crawl -> register)"
+	@echo "make demo     install, then run the pipeline on configs/demo.yaml (crawl -> register), then fine-tune"
+	@echo "make serve    serve the champion of MODEL (default forja-demo) on http://127.0.0.1:5001/invocations"
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create $(VENV) and install forja with its test tools"
 	@echo "make bench    run the benchmarks in benchmarks/"
@@ -37,6 +38,12 @@ system-deps:
 
 demo: install
 	$(BIN)/forja run configs/demo.yaml --workdir $(WORKDIR)
+	$(BIN)/forja finetune configs/demo.yaml --workdir $(WORKDIR)
+
+# Real-time serving of the champion on 127.0.0.1:5001 (mlflow starts uvicorn from PATH).
+serve: install
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(abspath $(WORKDIR))/mlflow.db \
+	  $(BIN)/mlflow models serve -m models:/$${MODEL:-forja-demo}@champion --env-manager local -h 127.0.0.1 -p 5001 -w 1
 
 test: install system-deps
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v
@@ -50,6 +57,7 @@ bench: install
 	$(BIN)/python benchmarks/loader.py
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/train.py
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/quality.py
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf $(WORKDIR)
