@@ -134,21 +134,21 @@ def generate(model: GPT, prompts: list[list[int]], s: Sampling, stop_id: int | N
     generators = [torch.Generator(device=device).manual_seed(s.seed) for _ in prompts] if s.temperature > 0 else None
     cache = KVCache(cfg, len(prompts), width + s.max_new_tokens, device, next(model.parameters()).dtype) \
         if use_cache else None
-    seq, out = x, torch.empty(len(prompts), 0, dtype=torch.long, device=device)
+    seq, steps = x, []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(s.max_new_tokens):
         logits = model(x if use_cache else seq, cache=cache, pad=pad)[:, -1, :]
         nxt = pick(logits, s, generators)
-        if stop_id is not None:
-            nxt = nxt.masked_fill(done, stop_id)
-            done |= nxt == stop_id
-        out = torch.cat((out, nxt[:, None]), dim=1)
-        seq = torch.cat((seq, nxt[:, None]), dim=1)
+        steps.append(nxt)
         x = nxt[:, None]
-        if bool(done.all()):
-            break
+        if not use_cache:
+            seq = torch.cat((seq, x), dim=1)
+        if stop_id is not None:
+            done |= nxt == stop_id
+            if bool(done.all()):
+                break
     result = []
-    for row in out.tolist():
+    for row in torch.stack(steps, dim=1).tolist():
         result.append(row[: row.index(stop_id)] if stop_id is not None and stop_id in row else row)
     return result
 
