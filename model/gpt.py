@@ -19,20 +19,23 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        wide = torch.promote_types(x.dtype, torch.float32)
-        rstd = torch.rsqrt(x.to(wide).square().mean(-1, keepdim=True).add_(eps))
-        xhat = (x * rstd).type_as(x)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        # one pass over x for the sum of squares (vector_norm keeps no squared copy)
+        ms = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+        rstd = ms.add_(eps).rsqrt_()
+        xhat = (wide * rstd).type_as(x)
         ctx.save_for_backward(xhat, weight, rstd)
         return xhat * weight
 
     @staticmethod
     def backward(ctx, grad):
         xhat, weight, rstd = ctx.saved_tensors
-        grad_w = (grad * xhat).flatten(0, -2).sum(0)
+        flat = grad.flatten(0, -2)
+        grad_w = torch.linalg.vecdot(flat.T, xhat.flatten(0, -2).T)  # sum over positions, no product copy
         g = (grad * weight).to(rstd.dtype)
         dot = torch.linalg.vecdot(g, xhat.to(rstd.dtype)).unsqueeze(-1).div_(xhat.shape[-1])
         grad_x = torch.addcmul(g, xhat, dot, value=-1).mul_(rstd)
-        return grad_x.type_as(xhat), grad_w, None
+        return grad_x.type_as(xhat), grad_w.type_as(weight), None
 
 
 class RMSNorm(nn.Module):
