@@ -1,7 +1,7 @@
 """Batch inference: prompts from Parquet or JSONL, generations to Parquet, resumable by shard.
 
     forja batch models:/NAME@ALIAS INPUT OUTPUT_DIR [--shard-size 256] [--max-new-tokens 64]
-                [--temperature 0] [--top-k 50] [--top-p 1] [--seed 0] [--batch-size 8]
+                [--temperature 0] [--top-k 50] [--top-p 1] [--seed 0] [--batch-size 8] [--chat]
 
 The input is cut into shards of --shard-size prompts; each becomes OUTPUT_DIR/part-NNNNN.parquet
 (columns: row, prompt, output), written to a temporary name and renamed when complete.
@@ -65,11 +65,11 @@ def shard_path(out: Path, index: int) -> Path:
 
 @task(name="batch-shard", retries=1)
 def run_shard(model_uri: str, tracking_uri: str, prompts: list[str], first_row: int, out: str, index: int,
-              sampling: dict, batch_size: int) -> int:
+              sampling: dict, batch_size: int, chat: bool = False) -> int:
     from model.generate import Sampling, generate_text
 
     (model, tokenizer), _ = load(model_uri, tracking_uri)
-    outputs = generate_text(model, tokenizer, prompts, Sampling(**sampling), batch_size)
+    outputs = generate_text(model, tokenizer, prompts, Sampling(**sampling), batch_size, chat)
     table = pa.table({"row": pa.array(range(first_row, first_row + len(prompts)), pa.int64()),
                       "prompt": prompts, "output": outputs})
     final = shard_path(Path(out), index)
@@ -83,7 +83,7 @@ def run_shard(model_uri: str, tracking_uri: str, prompts: list[str], first_row: 
 
 @flow(name="forja-batch", log_prints=True)
 def batch(model_uri: str, input_path: str, output_dir: str, shard_size: int = 256, sampling: dict | None = None,
-          batch_size: int = 8, workdir: str | None = None) -> dict:
+          batch_size: int = 8, workdir: str | None = None, chat: bool = False) -> dict:
     """Generate for every prompt of input_path into output_dir's Parquet shards, skipping finished ones."""
     from model.generate import Sampling
     from tasks import tracking
@@ -100,9 +100,9 @@ def batch(model_uri: str, input_path: str, output_dir: str, shard_size: int = 25
         log.info("batch: %d of %d shards already written in %s; generating the rest", len(done), len(shards), out)
     for i, chunk in shards:
         if i not in done:
-            run_shard(model_uri, tracking_uri, chunk, i * shard_size, str(out), i, s.__dict__, batch_size)
+            run_shard(model_uri, tracking_uri, chunk, i * shard_size, str(out), i, s.__dict__, batch_size, chat)
             log.info("batch: shard %d/%d written (%d prompts)", i + 1, len(shards), len(chunk))
     summary = {"model": version, "model_uri": model_uri, "input": str(input_path), "prompts": len(prompts),
-               "shards": len(shards), "resumed_shards": len(done), "sampling": s.__dict__}
+               "shards": len(shards), "resumed_shards": len(done), "sampling": s.__dict__, "chat": chat}
     (out / "_SUCCESS.json").write_text(json.dumps(summary, indent=2))
     return summary

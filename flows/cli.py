@@ -69,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--top-k", type=int, default=50)
     bt.add_argument("--top-p", type=float, default=1.0)
     bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--chat", action="store_true", help="each prompt is a user message in the chat template")
     bt.add_argument("--workdir", default=None)
     ev = sub.add_parser("evaluate", help="score a registered model version on a config's evaluation suites",
                         description="Download MODEL_URI (its weights' sha256 checked), run CONFIG's evaluate.suites "
@@ -192,7 +193,7 @@ def batch_command(args, workdir: Path) -> int:
     from flows.batch import batch
 
     summary = batch(args.model_uri, args.input, args.output_dir, args.shard_size, sampling.__dict__,
-                    args.batch_size, str(workdir))
+                    args.batch_size, str(workdir), args.chat)
     print(json.dumps(summary))
     return 0
 

@@ -154,13 +154,19 @@ def generate(model: GPT, prompts: list[list[int]], s: Sampling, stop_id: int | N
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], s: Sampling | None = None,
-                  batch_size: int = 8) -> list[str]:
-    """A continuation of each prompt, in batches; a fixed seed gives the same texts."""
+                  batch_size: int = 8, chat: bool = False) -> list[str]:
+    """A continuation of each prompt, in batches; a fixed seed gives the same texts. With chat,
+    each prompt is a user message in the chat template and the reply is the continuation."""
+    from model.chat import ChatTemplate
+
     s = s or Sampling()
-    stop = tokenizer.token_to_id(EOT)
+    template = ChatTemplate(tokenizer) if chat else None
+    stop = template.stop_id if template else tokenizer.token_to_id(EOT)
     model.eval()
     texts = []
     for i in range(0, len(prompts), batch_size):
-        chunk = [tokenizer.encode(p).ids for p in prompts[i : i + batch_size]]
-        texts += [tokenizer.decode(ids) for ids in generate(model, chunk, s, stop)]
+        chunk = prompts[i : i + batch_size]
+        ids = [template.prompt([{"role": "user", "content": p}]) if template else tokenizer.encode(p).ids
+               for p in chunk]
+        texts += [tokenizer.decode(t) for t in generate(model, ids, s, stop)]
     return texts

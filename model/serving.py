@@ -5,7 +5,8 @@ unpickling an object, and the weights come from safetensors after their sha256 i
 checked against the one recorded when the model was logged.
 
 Parameters (MLflow `params`): max_new_tokens, temperature (0: greedy), top_k (0: off),
-top_p (1: off), seed (-1: a fresh random seed per request). A deterministic request (temperature 0, or a
+top_p (1: off), seed (-1: a fresh random seed per request), chat (each prompt is a user
+message in the chat template: for fine-tuned models). A deterministic request (temperature 0, or a
 seed >= 0) is answered from a response cache when the same prompt and parameters were
 generated before.
 """
@@ -24,11 +25,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from model.checkpoint import file_sha256
-from model.generate import EOT, Sampling, generate, load_folder
+from model.generate import Sampling, generate_text, load_folder
 
 log = logging.getLogger("forja.serving")
 
-DEFAULTS = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "seed": -1}
+DEFAULTS = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "seed": -1, "chat": False}
 CACHE_SIZE = 4096
 
 
@@ -70,7 +71,6 @@ class ForjaLM(PythonModel):
         check_weights(weights, (context.model_config or {}).get("weights_sha256"))
         # The three files are logged side by side, so their folder is a model folder.
         self.model, self.tokenizer = load_folder(os.path.dirname(weights))
-        self.stop = self.tokenizer.token_to_id(EOT)
         self.cache: OrderedDict[tuple, str] = OrderedDict()
 
     def prompts(self, model_input) -> list[str]:
@@ -88,14 +88,18 @@ class ForjaLM(PythonModel):
         s = sampling(params)
         texts = self.prompts(model_input)
         deterministic = s.temperature == 0 or int((params or {}).get("seed", -1)) >= 0
-        keys = [(t, s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.seed if s.temperature else None)
+        chat = str((params or {}).get("chat", False)).lower() in ("true", "1")
+        keys = [(t, chat, s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.seed if s.temperature else None)
                 for t in texts]
         todo = [i for i, k in enumerate(keys) if not (deterministic and k in self.cache)]
         if todo:
             # A prompt longer than the context is cut from the left by generate(), with a warning.
-            ids = generate(self.model, [self.tokenizer.encode(texts[i]).ids for i in todo], s, self.stop)
-            for i, row in zip(todo, ids):
-                self.cache[keys[i]] = self.tokenizer.decode(row)
+            try:
+                made = generate_text(self.model, self.tokenizer, [texts[i] for i in todo], s, len(todo), chat)
+            except ValueError as e:  # chat with a tokenizer that has no chat tokens
+                raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+            for i, text in zip(todo, made):
+                self.cache[keys[i]] = text
                 self.cache.move_to_end(keys[i])
             while len(self.cache) > CACHE_SIZE:
                 self.cache.popitem(last=False)

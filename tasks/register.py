@@ -29,6 +29,7 @@ SIGNATURE = ModelSignature(
     params=ParamSchema([
         ParamSpec("max_new_tokens", "long", 48), ParamSpec("temperature", "double", 0.8),
         ParamSpec("top_k", "long", 50), ParamSpec("top_p", "double", 1.0), ParamSpec("seed", "long", -1),
+        ParamSpec("chat", "boolean", False),
     ]),
 )
 

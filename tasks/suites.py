@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.chat import ChatTemplate
-from model.generate import EOT, Sampling, fit_prompt, generate
+from model.generate import EOT, Sampling, fit_prompt, generate_text
 
 FIELDS = {
     "text": {"text": str},
@@ -132,14 +131,7 @@ class Scorer:
 
     def generate(self, prompts: list[str], max_new_tokens: int, chat: bool = False) -> list[str]:
         s = Sampling(max_new_tokens=max_new_tokens, temperature=0)
-        template = ChatTemplate(self.tokenizer) if chat else None
-        stop = template.stop_id if template else self.eot
-        texts = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i : i + self.batch_size]
-            ids = [template.prompt([{"role": "user", "content": p}]) if template else self.encode(p) for p in chunk]
-            texts += [self.tokenizer.decode(t) for t in generate(self.model, ids, s, stop)]
-        return texts
+        return generate_text(self.model, self.tokenizer, prompts, s, self.batch_size, chat)
 
 
 def score_text(scorer: Scorer, items: list[dict]) -> dict:

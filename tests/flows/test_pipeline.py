@@ -260,6 +260,8 @@ def test_mlflow_models_serve_answers_on_loopback_with_a_response_cache_and_400s(
         seeded = [invoke(["O Linux"], max_new_tokens=6, temperature=1.0, seed=7).json() for _ in range(2)]
         assert seeded[0] == seeded[1]
 
+        chat = invoke(["O que faz o cp?"], max_new_tokens=4, temperature=0, chat=True)  # through the chat template
+        assert chat.status_code == 200 and len(chat.json()["predictions"]) == 1, chat.text
         long = invoke(["palavra " * 200], max_new_tokens=4, temperature=0)  # longer than the 32-token context
         assert long.status_code == 200, long.text
         for field, value in (("temperature", -1.0), ("top_p", 1.5), ("max_new_tokens", 0)):
