@@ -377,3 +377,23 @@ def test_batch_inference_writes_parquet_shards_and_resumes_after_a_crash(runs, c
     model, tok = load_folder(registry.download(client, version, tmp_path / "m"))
     assert table.column("output").to_pylist() == generate_text(model, tok, prompts, Sampling(**greedy))
     assert (out / "_SUCCESS.json").is_file()
+
+
+def test_a_champion_measured_on_another_suite_file_is_rescored_before_the_gate_compares(runs, client):
+    from tasks import registry
+
+    for v, value, digest in (("1", "0.50", "old-file"), ("2", "0.40", "new-file")):
+        client.set_model_version_tag("forja-test", v, "metric.drift.score", value)
+        client.set_model_version_tag("forja-test", v, "suite.drift.sha256", digest)
+    registry.move_champion(client, "forja-test", "1", "test setup")
+    rescored = []
+
+    def rescore(champion):  # the champion on the candidate's (new) suite file
+        rescored.append(str(champion.version))
+        return 0.30
+
+    decision = registry.gate(client, "forja-test", "2", "drift.score", "lower", 0.0, rescore)
+    assert rescored == ["1"] and decision["champion_value"] == 0.30 and not decision["promoted"]
+    champion = client.get_model_version("forja-test", "1")
+    assert champion.tags["metric.drift.score"] == "0.3" and champion.tags["suite.drift.sha256"] == "new-file"
+    assert str(client.get_model_version_by_alias("forja-test", "champion").version) == "1"
