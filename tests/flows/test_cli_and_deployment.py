@@ -29,13 +29,18 @@ def test_prefect_yaml_declares_a_weekly_process_deployment_of_the_pipeline():
     from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    (dep,) = spec["deployments"]
-    assert dep["entrypoint"].startswith("flows/")
-    flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
-    assert flow.name == "forja-pipeline"
-    assert set(dep["parameters"]) <= set(flow.parameters.properties)
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    flows = {"demo-weekly": "forja-pipeline", "demo-finetune-weekly": "forja-finetune", "batch": "forja-batch"}
+    assert set(deployments) == set(flows)
+    for name, dep in deployments.items():
+        assert dep["entrypoint"].startswith("flows/")
+        flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
+        assert flow.name == flows[name]
+        assert set(dep["parameters"]) <= set(flow.parameters.properties)
+        assert dep["work_pool"]["name"]
+    dep = deployments["demo-weekly"]
     assert (ROOT / dep["parameters"]["config_path"]).is_file()
+    assert (ROOT / deployments["batch"]["parameters"]["input_path"]).is_file()
     (schedule,) = dep["schedules"]
     minute, hour, dom, month, dow = schedule["cron"].split()
     assert dom == "*" and month == "*" and dow not in ("*",)  # once a week
-    assert dep["work_pool"]["name"]
