@@ -101,13 +101,11 @@ def registry_command(args, workdir: Path) -> int:
     import json
     import tempfile
 
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     from tasks import registry, tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
-    client = mlflow.MlflowClient()
+    client = tracking.client(workdir)
     try:
         if args.command == "evaluate":
             from model.generate import load_folder
@@ -176,15 +174,12 @@ def report(result: dict, seconds: float) -> None:
 def batch_command(args, workdir: Path) -> int:
     import json
 
-    import mlflow
-
     from model.generate import Sampling
     from tasks import registry, tracking
 
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
-        mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
-        registry.resolve(mlflow.MlflowClient(), args.model_uri)  # before Prefect starts
+        registry.resolve(tracking.client(workdir), args.model_uri)  # before Prefect starts
         if not Path(args.input).is_file():
             raise FileNotFoundError(f"batch input {args.input} does not exist")
     except (ValueError, LookupError, FileNotFoundError) as e:
@@ -230,12 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "finetune":
             if cfg.finetune is None:
                 raise ConfigError(f"{args.config} has no finetune section (base_model, data, ...)")
-            import mlflow
-
             from tasks import registry, tracking
 
-            mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
-            registry.resolve(mlflow.MlflowClient(), cfg.finetune.base_model)  # before Prefect starts
+            registry.resolve(tracking.client(workdir), cfg.finetune.base_model)  # before Prefect starts
     except (ConfigError, ModelNotFound) as e:
         print(f"forja: {e}", file=sys.stderr)
         return 2

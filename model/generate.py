@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_model, save_file
 from tokenizers import Tokenizer
 
+from model.chat import EOT, ChatTemplate
 from model.config import ModelConfig
 from model.gpt import GPT
 
 log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-EOT = "<|endoftext|>"
 
 
 def save_folder(model: GPT, tokenizer_path: Path, out: Path) -> None:
@@ -157,8 +157,6 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], s: Sampl
                   batch_size: int = 8, chat: bool = False) -> list[str]:
     """A continuation of each prompt, in batches; a fixed seed gives the same texts. With chat,
     each prompt is a user message in the chat template and the reply is the continuation."""
-    from model.chat import ChatTemplate
-
     s = s or Sampling()
     template = ChatTemplate(tokenizer) if chat else None
     stop = template.stop_id if template else tokenizer.token_to_id(EOT)

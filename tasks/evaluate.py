@@ -6,7 +6,6 @@ import logging
 import math
 from pathlib import Path
 
-import mlflow
 import torch
 from prefect import task
 
@@ -88,8 +87,7 @@ def log_to_run(workdir: str, run_id: str | None, metrics: dict, files: list[Path
     """Evaluation metrics (held-out ones as eval_*, suite ones as suite.metric) and files on an MLflow run."""
     if not run_id:
         return
-    mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
-    client = mlflow.MlflowClient()
+    client = tracking.client(workdir)
     for k, v in metrics.items():
         client.log_metric(run_id, prefix + (k if "." in k else f"eval_{k}"), v)
     for f in files:

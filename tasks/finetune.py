@@ -62,8 +62,7 @@ def write_split(out: Path, name: str, rows: np.ndarray, mask: np.ndarray) -> Non
 
 
 def build_data(cfg: FinetuneConfig, workdir: str, out: Path) -> dict:
-    mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
-    client = mlflow.MlflowClient()
+    client = tracking.client(workdir)
     version = registry.resolve(client, cfg.base_model)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(registry.download(client, version, Path(tmp)), out / "base")
@@ -160,8 +159,7 @@ def finetune_train(cfg: FinetuneConfig, data: stage.Manifest, workdir: str, expe
 
 def base_digests(cfg: FinetuneConfig, workdir: str) -> tuple[str, str]:
     """(the base version's weights sha256, the data file's sha256): what the data stage depends on."""
-    mlflow.set_tracking_uri(tracking.tracking_uri(workdir))
-    version = registry.resolve(mlflow.MlflowClient(), cfg.base_model)
+    version = registry.resolve(tracking.client(workdir), cfg.base_model)
     if not Path(cfg.data).is_file():
         raise FileNotFoundError(f"finetune.data {cfg.data} does not exist")
     return version.tags.get("weights_sha256", f"{version.name}/{version.version}"), file_sha256(cfg.data)

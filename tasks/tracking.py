@@ -23,6 +23,12 @@ def setup(workdir: str | Path, experiment: str) -> str:
     return client.create_experiment(experiment, artifact_location=artifacts)
 
 
+def client(workdir: str | Path) -> mlflow.MlflowClient:
+    """An MLflow client on the workdir's store (MLFLOW_TRACKING_URI if set), also made the default."""
+    mlflow.set_tracking_uri(tracking_uri(workdir))
+    return mlflow.MlflowClient()
+
+
 def prefect_flow_run_id() -> str:
     from prefect.runtime import flow_run
 
