@@ -10,32 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import kernels
 from model.config import ModelConfig
-
-
-class _RMSNormFn(torch.autograd.Function):
-    """y = x / rms(x) * w, with a backward that keeps one normalised copy of x. On a CPU,
-    torch's rms_norm is a chain of generic kernels in both directions; this is fewer passes."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        # one pass over x for the sum of squares (vector_norm keeps no squared copy)
-        ms = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square_().div_(x.shape[-1])
-        rstd = ms.add_(eps).rsqrt_()
-        xhat = (wide * rstd).type_as(x)
-        ctx.save_for_backward(xhat, weight, rstd)
-        return xhat * weight
-
-    @staticmethod
-    def backward(ctx, grad):
-        xhat, weight, rstd = ctx.saved_tensors
-        flat = grad.flatten(0, -2)
-        grad_w = torch.linalg.vecdot(flat.T, xhat.flatten(0, -2).T)  # sum over positions, no product copy
-        g = (grad * weight).to(rstd.dtype)
-        dot = torch.linalg.vecdot(g, xhat.to(rstd.dtype)).unsqueeze(-1).div_(xhat.shape[-1])
-        grad_x = torch.addcmul(g, xhat, dot, value=-1).mul_(rstd)
-        return grad_x.type_as(xhat), grad_w.type_as(weight), None
 
 
 class RMSNorm(nn.Module):
@@ -43,12 +19,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # GPT.use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and kernels.usable(x):
+            return kernels.RMSNorm.apply(x, self.weight, self.eps)
         # The statistics are taken in fp32 so that bf16 activations keep their tiny variances.
-        if torch.is_grad_enabled():
-            return _RMSNormFn.apply(x, self.weight, self.eps)
-        # Inference: one call with no Python autograd node, cheaper for one-token decode steps.
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         return (wide * torch.rsqrt(wide.square().mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -61,35 +37,10 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
     return angles.cos(), angles.sin()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    c, s = cos[..., :half], sin[..., :half]  # both halves of the tables are equal
-    x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty_like(x)
-    torch.addcmul(x1 * c, x2, s, value=-sign, out=out[..., :half])
-    torch.addcmul(x2 * c, x1, s, value=sign, out=out[..., half:])
-    return out
-
-
-class _Rotary(torch.autograd.Function):
-    """The rotation with a written-out backward: a rotation's transpose is the rotation by
-    the opposite angle. Autograd's version of the same maths keeps and walks several
-    intermediate tensors; this one halves the rotary cost of a training step on a CPU."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1.0), None, None
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (i, i + D/2) pair of x (B, H, T, D) by its position's angle (the Llama layout)."""
-    return _Rotary.apply(x, cos, sin) if torch.is_grad_enabled() else _rotate(x, cos, sin, 1.0)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -99,13 +50,17 @@ class Attention(nn.Module):
         # q, k and v in one matmul: rows [0, n_head) are q heads, then n_kv_head k, then v.
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.fused = False  # GPT.use_fused_kernels
 
     def forward(self, x, cos, sin, cache=None, mask=None):
         B, T, C = x.shape
         cfg = self.cfg
-        heads = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        qk, v = heads.split((cfg.n_head + cfg.n_kv_head, cfg.n_kv_head), dim=1)
-        q, k = apply_rope(qk, cos, sin).split((cfg.n_head, cfg.n_kv_head), dim=1)  # q and k rotated together
+        heads = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
+        if self.fused and cache is None and cos.dim() == 2 and kernels.usable(heads):
+            q, k, v = kernels.QKVRotary.apply(heads, cos, sin, cfg.n_head, cfg.n_kv_head)
+        else:
+            qk, v = heads.transpose(1, 2).split((cfg.n_head + cfg.n_kv_head, cfg.n_kv_head), dim=1)
+            q, k = apply_rope(qk, cos, sin).split((cfg.n_head, cfg.n_kv_head), dim=1)  # q and k rotated together
         if cache is not None:  # keys and values of earlier positions, for incremental decoding
             k, v = cache.append(k, v)
         if cfg.n_kv_head != cfg.n_head:
@@ -118,37 +73,18 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-class _SwiGLUFn(torch.autograd.Function):
-    """silu(gate) * up from one (..., 2H) projection; the backward writes both halves of the
-    gradient into one buffer instead of concatenating two."""
-
-    @staticmethod
-    def forward(ctx, gate_up):
-        gate, up = gate_up.chunk(2, dim=-1)
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate_up = ctx.saved_tensors[0]
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.empty_like(gate_up)
-        hidden = gate.shape[-1]
-        torch.mul(grad, F.silu(gate), out=out[..., hidden:])
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[..., :hidden])
-        return out
-
-
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=False)  # gate rows, then up rows
         self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+        self.fused = False  # GPT.use_fused_kernels
 
     def forward(self, x):
-        if torch.is_grad_enabled():
-            return self.down(_SwiGLUFn.apply(self.gate_up(x)))
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.fused and kernels.usable(gate_up):
+            return self.down(kernels.SwiGLU.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -179,6 +115,7 @@ class GPT(nn.Module):
         # Not persistent: recomputed from the config, so checkpoints hold weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.fused = False
         self.apply(self._init_weights)
         # Residual output projections scaled down with depth (GPT-2 style) so the
         # residual stream's variance does not grow with the number of layers.
@@ -190,6 +127,16 @@ class GPT(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def use_fused_kernels(self, on: bool = True) -> bool:
+        """Train with model/kernels.py's fused CPU kernels (fp32 on a CPU; elsewhere, and in
+        inference, the plain code below runs anyway). Builds them on first use; False if they
+        cannot be built."""
+        on = on and kernels.load() is not None
+        for m in self.modules():
+            if hasattr(m, "fused"):
+                m.fused = on
+        return on
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -234,5 +181,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        flat = logits.float().view(-1, logits.size(-1))
+        if self.fused and kernels.usable(flat):
+            return logits, kernels.CrossEntropy.apply(flat, targets.reshape(-1), -100)
+        loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100)
         return logits, loss
