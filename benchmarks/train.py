@@ -1,17 +1,21 @@
 """Training throughput: forja's DeepSpeed loop against a plain-torch nanoGPT-style loop.
 
-    .venv/bin/python benchmarks/train.py [--preset tiny] [--steps 60] [--batch 8] [--seq 256]
+    .venv/bin/python benchmarks/train.py [--preset tiny] [--steps 60] [--batch 8] [--seq 256] [--rounds 3]
 
 Both train on the same random tokens, with the same batch, context, thread count and
 device, for --steps steps after --warmup untimed ones:
   forja     model.train under the deepspeed launcher, in the environment the pretrain task
             gives its ranks (tasks.pretrain.child_env): DeepSpeed engine (ZeRO 0, gloo or
-            nccl), grad watch, metrics
+            nccl), fused CPU kernels (model/kernels.py), gradient-norm check, metrics
   baseline  the nanoGPT-architecture model in benchmarks/nanogpt.py with the parameter count
             closest to forja's, torch AdamW, a bare forward/backward/step loop, run as a
-            plain script runs; then once more in forja's environment (on a CPU that is the
-            allocator setting of model.train.cpu_allocator_env), printed beside it so the
-            share of the model and loop and the share of the environment are both visible
+            plain script runs (torch AdamW unfused on a CPU, as nanoGPT chooses); also in
+            forja's environment (on a CPU the allocator setting of
+            model.train.cpu_allocator_env), printed beside it so the share of the model and
+            loop and the share of the environment are both visible
+Each of --rounds rounds runs all three, one after another in a rotated order, each in its
+own process; the medians over rounds are compared (a shared machine's speed drifts by
+10-20% from minute to minute, which one run of each would read as a difference).
 MFU is FLOPs per token (6N + attention) x tokens/s over one peak measured here (a fp32
 matmul on the CPU; the datasheet bf16 peak on known GPUs). On a GPU, run it with
 --preset gpt2-124m --seq 1024 --batch 16 (bf16). The last line is one JSON object.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,10 +48,9 @@ from tasks.config import PretrainConfig  # noqa: E402
 from tasks.pretrain import child_env, launch_command  # noqa: E402
 
 
-def baseline_rate(cfg, rows: np.ndarray, batch: int, steps: int, warmup: int, device: str, dtype) -> tuple[float, NanoGPT]:
-    d = width_for(GPT(cfg).num_params(), cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head)
+def baseline_rate(cfg, rows: np.ndarray, batch: int, steps: int, warmup: int, device: str, dtype) -> float:
     torch.manual_seed(0)
-    model = NanoGPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, d, cfg.n_head).to(device)
+    model = baseline_model(cfg).to(device)
     opt = optimizer(model, 3e-3)
     rng = np.random.default_rng(0)
     t0 = None
@@ -65,7 +69,35 @@ def baseline_rate(cfg, rows: np.ndarray, batch: int, steps: int, warmup: int, de
         float(loss)  # the host reads the loss every step, as a logging loop does
     if device == "cuda":
         torch.cuda.synchronize()
-    return batch * cfg.block_size * steps / (time.perf_counter() - t0), model
+    return batch * cfg.block_size * steps / (time.perf_counter() - t0)
+
+
+def baseline_model(cfg) -> NanoGPT:
+    d = width_for(GPT(cfg).num_params(), cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head)
+    return NanoGPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, d, cfg.n_head)
+
+
+def forja_rate(launch: PretrainConfig, tmp: Path, env: dict, warmup: int) -> float:
+    """forja exactly as the pretrain task runs it: the deepspeed launcher, one rank, its environment."""
+    shutil.rmtree(tmp / "out", ignore_errors=True)
+    shutil.rmtree(tmp / "ckpt", ignore_errors=True)
+    done = subprocess.run(launch_command(launch, tmp / "spec.json"), env=env, cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"forja's training failed:\n{done.stdout[-3000:]}")
+    print("\n".join("  " + x for x in done.stdout.splitlines() if x.startswith("model:")))
+    logged = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in logged if r["step"] > warmup]
+    return len(timed) / sum(1 / r["tokens_per_s"] for r in timed)  # per interval, weighted by its length
+
+
+def baseline_in(env: dict) -> float:
+    """The baseline in its own process with the given environment (glibc reads it at start)."""
+    done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--baseline-only"], env=env, cwd=ROOT,
+                          text=True, capture_output=True)
+    if done.returncode:
+        raise SystemExit(f"the baseline failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])["tokens_per_s"]
 
 
 def main() -> None:
@@ -77,14 +109,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)  # the same-environment rerun
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are compared")
+    ap.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)  # one baseline round
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = forja_train.device_and_dtype()
     cfg = from_preset(args.preset, args.vocab, args.seq)
     rows = np.random.default_rng(0).integers(0, args.vocab, size=(4096, args.seq + 1)).astype(np.uint16)
     if args.baseline_only:
-        print(json.dumps({"tokens_per_s": baseline_rate(cfg, rows, args.batch, args.steps, args.warmup, device, dtype)[0]}))
+        print(json.dumps({"tokens_per_s": baseline_rate(cfg, rows, args.batch, args.steps, args.warmup, device, dtype)}))
         return
     peak, source = monitor.peak_flops(device, dtype)
     print(f"device {device} ({dtype}), {args.threads} threads; peak {peak / 1e9:.0f} GFLOP/s ({source})")
@@ -105,41 +138,39 @@ def main() -> None:
             max_steps=args.warmup + args.steps, micro_batch_size=args.batch, warmup_steps=min(10, args.warmup),
             log_every=every, eval_every=10**9, eval_batches=1, checkpoint_every=10**9, threads=args.threads)
         (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
-        # forja exactly as the pretrain task runs it: the deepspeed launcher, one rank, its environment.
         launch = PretrainConfig(threads=args.threads)
-        env = child_env(None, launch) | {"OMP_NUM_THREADS": str(args.threads)}
-        done = subprocess.run(launch_command(launch, tmp / "spec.json"), env=env, cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        print("\n".join(x for x in done.stdout.splitlines() if x.startswith(("model:", "step"))))
-        if done.returncode:
-            raise SystemExit(f"forja's training failed:\n{done.stdout[-3000:]}")
-        rows_logged = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
-        timed = [r for r in rows_logged if r["step"] > args.warmup]
-        # tokens/s per interval, weighted by the interval's length in steps
-        forja_tps = len(timed) / sum(1 / r["tokens_per_s"] for r in timed)
-        forja_flops = GPT(cfg).flops_per_token()
+        forja_env = child_env(None, launch) | {"OMP_NUM_THREADS": str(args.threads)}
+        plain_env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        # The baseline runs as a plain script runs (default allocator) and, to show what the model
+        # and loop alone account for, in forja's environment as well (on a CPU: the allocator
+        # setting of model.train.cpu_allocator_env). Each round runs the three in a rotated order
+        # so that a slow minute on a shared machine does not fall on one of them every time.
+        runs = {"forja": lambda: forja_rate(launch, tmp, forja_env, args.warmup),
+                "baseline": lambda: baseline_in(plain_env),
+                "baseline_same_env": lambda: baseline_in(forja_env)}
+        rates: dict[str, list[float]] = {k: [] for k in runs}
+        for r in range(args.rounds):
+            order = list(runs)[r % len(runs):] + list(runs)[: r % len(runs)]
+            for name in order:
+                rates[name].append(runs[name]())
+            print(f"round {r + 1}: " + ", ".join(f"{k} {rates[k][-1]:.0f}" for k in runs) + " tokens/s"
+                  f"; ratio {rates['forja'][-1] / rates['baseline'][-1]:.3f}", flush=True)
 
-    # The baseline as a plain script runs: in this process, with the default allocator...
-    base_tps, base_model = baseline_rate(cfg, rows, args.batch, args.steps, args.warmup, device, dtype)
-    # ...and, to show what the model and loop alone account for, again in forja's environment.
-    again = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--baseline-only"], env=env, cwd=ROOT,
-                           text=True, capture_output=True)
-    if again.returncode:
-        raise SystemExit(f"the baseline in forja's environment failed:\n{again.stderr[-3000:]}")
-    same_env_tps = json.loads(again.stdout.splitlines()[-1])["tokens_per_s"]
-
-    forja_mfu = forja_flops * forja_tps / peak
-    base_mfu = base_model.flops_per_token() * base_tps / peak
-    same_env_mfu = base_model.flops_per_token() * same_env_tps / peak
+    base_flops = baseline_model(cfg).flops_per_token()
+    forja_tps, base_tps, same_tps = (float(np.median(rates[k])) for k in runs)
+    forja_mfu = GPT(cfg).flops_per_token() * forja_tps / peak
+    base_mfu, same_mfu = base_flops * base_tps / peak, base_flops * same_tps / peak
+    print(f"medians of {args.rounds} rounds:")
     print(f"forja:    {GPT(cfg).num_params() / 1e6:.2f}M params, {forja_tps:8.0f} tokens/s, MFU {forja_mfu:.3f}")
-    print(f"baseline: {base_model.num_params() / 1e6:.2f}M params, {base_tps:8.0f} tokens/s, MFU {base_mfu:.3f}")
-    print(f"baseline in forja's environment ({', '.join(k for k in env if k.startswith('MALLOC'))}): "
-          f"{same_env_tps:8.0f} tokens/s, MFU {same_env_mfu:.3f}")
-    print(json.dumps({"preset": args.preset, "device": device, "tokens_per_s": round(forja_tps, 1),
-                      "mfu": round(forja_mfu, 4), "baseline_tokens_per_s": round(base_tps, 1),
-                      "baseline_mfu": round(base_mfu, 4), "mfu_ratio": round(forja_mfu / base_mfu, 3),
-                      "baseline_same_env_mfu": round(same_env_mfu, 4),
-                      "mfu_ratio_same_env": round(forja_mfu / same_env_mfu, 3)}))
+    print(f"baseline: {baseline_model(cfg).num_params() / 1e6:.2f}M params, {base_tps:8.0f} tokens/s, MFU {base_mfu:.3f}")
+    print(f"baseline in forja's environment ({', '.join(k for k in forja_env if k.startswith('MALLOC'))}): "
+          f"{same_tps:8.0f} tokens/s, MFU {same_mfu:.3f}")
+    print(json.dumps({"preset": args.preset, "device": device, "rounds": args.rounds,
+                      "tokens_per_s": round(forja_tps, 1), "mfu": round(forja_mfu, 4),
+                      "baseline_tokens_per_s": round(base_tps, 1), "baseline_mfu": round(base_mfu, 4),
+                      "mfu_ratio": round(forja_mfu / base_mfu, 3),
+                      "baseline_same_env_mfu": round(same_mfu, 4), "mfu_ratio_same_env": round(forja_mfu / same_mfu, 3),
+                      "round_tokens_per_s": {k: [round(x) for x in v] for k, v in rates.items()}}))
 
 
 if __name__ == "__main__":

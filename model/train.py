@@ -158,28 +158,16 @@ def deepspeed_config(spec: TrainSpec, dtype: torch.dtype) -> dict:
     }
 
 
-class GradWatch:
-    """Finds the first parameter, in backward order, whose gradient is NaN or inf.
-
-    The hooks only queue a finiteness flag per gradient (no host sync on a GPU); the flags
-    are read when the global gradient norm says something went wrong.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.flags: list[tuple[str, torch.Tensor]] = []
-        self.handles = [p.register_hook(self._hook(n)) for n, p in model.named_parameters() if p.requires_grad]
-
-    def _hook(self, name: str):
-        def record(grad: torch.Tensor) -> None:
-            self.flags.append((name, torch.isfinite(grad).all()))
-        return record
-
-    @property
-    def first(self) -> str | None:
-        return next((name for name, ok in self.flags if not bool(ok)), None)
-
-    def reset(self) -> None:
-        self.flags.clear()
+@torch.no_grad()
+def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
+    """The parameter, in backward order, whose gradient is NaN or inf first. Backward visits the
+    layers last to first and a non-finite gradient spreads to everything before it, so the
+    first one met from the output end is where it started. Read only once the global norm says
+    something went wrong: a check per parameter per step would cost a pass over every gradient."""
+    for name, p in reversed(list(model.named_parameters())):
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return None
 
 
 @torch.no_grad()
@@ -203,8 +191,8 @@ def first_nonfinite_module(model: torch.nn.Module, x: torch.Tensor) -> str | Non
 
 
 def grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # one multi-tensor kernel
 
 
 @torch.no_grad()
@@ -367,7 +355,6 @@ def train(spec: TrainSpec) -> dict:
 
     tokens_per_step = spec.micro_batch_size * spec.grad_accum_steps * world * cfg.block_size
     flops_per_step = model.flops_per_token() * tokens_per_step
-    watch = GradWatch(engine.module)
     t0, last_t, last_step = time.time(), time.time(), start
     train_loss = val_loss = float("nan")
     for step in range(start, spec.max_steps):
@@ -387,7 +374,7 @@ def train(spec: TrainSpec) -> dict:
                 if not (math.isfinite(gnorm) and math.isfinite(loss_acc)):
                     # Stop before the optimizer applies it; keep the last good state to inspect.
                     where = (f"first non-finite output in {first_nonfinite_module(engine.module, x)}"
-                             if not math.isfinite(loss_acc) else f"first non-finite gradient in {watch.first}")
+                             if not math.isfinite(loss_acc) else f"first non-finite gradient in {first_nonfinite_grad(engine.module)}")
                     engine.save_checkpoint(str(ckpt_dir), tag=f"nonfinite-step-{step}",
                                            client_state={"step": step}, save_latest=False)
                     raise FloatingPointError(
@@ -398,7 +385,6 @@ def train(spec: TrainSpec) -> dict:
             fault("step", done)
         if sharded:  # the norm DeepSpeed computed over the shards while clipping
             gnorm = float(engine.get_global_grad_norm() or 0.0)
-        watch.reset()
         train_loss = loss_acc
         if done % spec.log_every == 0 or done == spec.max_steps:
             now = time.time()
