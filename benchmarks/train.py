@@ -156,13 +156,13 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{k} {rates[k][-1]:.0f}" for k in runs) + " tokens/s"
                   f"; ratio {rates['forja'][-1] / rates['baseline'][-1]:.3f}", flush=True)
 
-    base_flops = baseline_model(cfg).flops_per_token()
+    forja_model, base_model = GPT(cfg), baseline_model(cfg)
     forja_tps, base_tps, same_tps = (float(np.median(rates[k])) for k in runs)
-    forja_mfu = GPT(cfg).flops_per_token() * forja_tps / peak
-    base_mfu, same_mfu = base_flops * base_tps / peak, base_flops * same_tps / peak
+    forja_mfu = forja_model.flops_per_token() * forja_tps / peak
+    base_mfu, same_mfu = (base_model.flops_per_token() * tps / peak for tps in (base_tps, same_tps))
     print(f"medians of {args.rounds} rounds:")
-    print(f"forja:    {GPT(cfg).num_params() / 1e6:.2f}M params, {forja_tps:8.0f} tokens/s, MFU {forja_mfu:.3f}")
-    print(f"baseline: {baseline_model(cfg).num_params() / 1e6:.2f}M params, {base_tps:8.0f} tokens/s, MFU {base_mfu:.3f}")
+    print(f"forja:    {forja_model.num_params() / 1e6:.2f}M params, {forja_tps:8.0f} tokens/s, MFU {forja_mfu:.3f}")
+    print(f"baseline: {base_model.num_params() / 1e6:.2f}M params, {base_tps:8.0f} tokens/s, MFU {base_mfu:.3f}")
     print(f"baseline in forja's environment ({', '.join(k for k in forja_env if k.startswith('MALLOC'))}): "
           f"{same_tps:8.0f} tokens/s, MFU {same_mfu:.3f}")
     print(json.dumps({"preset": args.preset, "device": device, "rounds": args.rounds,

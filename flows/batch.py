@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,14 +48,12 @@ def load(model_uri: str, tracking_uri: str):
     """Download (sha256-checked) and load a registered version once per process."""
     import mlflow
 
-    from model.generate import load_folder
     from tasks import registry
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
     version = registry.resolve(client, model_uri)
-    folder = registry.download(client, version, Path(tempfile.mkdtemp(prefix="forja-batch-")))
-    return load_folder(folder), f"{version.name}/{version.version}"
+    return registry.load_version(client, version), f"{version.name}/{version.version}"
 
 
 def shard_path(out: Path, index: int) -> Path:

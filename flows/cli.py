@@ -108,7 +108,6 @@ def registry_command(args, workdir: Path) -> int:
     client = tracking.client(workdir)
     try:
         if args.command == "evaluate":
-            from model.generate import load_folder
             from tasks.config import ConfigError, load_config
             from tasks.evaluate import evaluate_model, suite_digests
 
@@ -121,9 +120,8 @@ def registry_command(args, workdir: Path) -> int:
                 print(f"forja: {args.config} lists no evaluate.suites", file=sys.stderr)
                 return 2
             version = registry.resolve(client, args.model_uri)
-            with tempfile.TemporaryDirectory() as tmp:
-                model, tokenizer = load_folder(registry.download(client, version, Path(tmp)))
-                metrics, _ = evaluate_model(model, tokenizer, cfg)
+            model, tokenizer = registry.load_version(client, version)
+            metrics, _ = evaluate_model(model, tokenizer, cfg)
             if not args.no_record:
                 with registry.registry_lock(workdir):
                     registry.record_metrics(client, version, metrics, suite_digests(cfg))

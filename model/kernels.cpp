@@ -181,6 +181,10 @@ Tensor qkv_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const 
   Tensor dqkv = at::empty({B, T, H, D}, dq.options());
   const float *pc = cos.data_ptr<float>(), *ps = sin.data_ptr<float>();
   float* po = dqkv.data_ptr<float>();
+  // the row (b, head, t) of a strided gradient
+  auto row = [](const Tensor& g, int64_t b, int64_t head, int64_t t) {
+    return g.const_data_ptr<float>() + b * g.stride(0) + head * g.stride(1) + t * g.stride(2);
+  };
   at::parallel_for(0, B * T, grain(H * D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / T, t = r % T;
@@ -188,13 +192,11 @@ Tensor qkv_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const 
       for (int64_t h = 0; h < H; ++h) {
         float* o = po + (r * H + h) * D;
         if (h < hq) {
-          rotate(dq.data_ptr<float>() + b * dq.stride(0) + h * dq.stride(1) + t * dq.stride(2), c, s, -1.f, half, o);
+          rotate(row(dq, b, h, t), c, s, -1.f, half, o);
         } else if (h < hq + hk) {
-          const int64_t j = h - hq;
-          rotate(dk.data_ptr<float>() + b * dk.stride(0) + j * dk.stride(1) + t * dk.stride(2), c, s, -1.f, half, o);
+          rotate(row(dk, b, h - hq, t), c, s, -1.f, half, o);
         } else {
-          const int64_t j = h - hq - hk;
-          const float* x = dv.data_ptr<float>() + b * dv.stride(0) + j * dv.stride(1) + t * dv.stride(2);
+          const float* x = row(dv, b, h - hq - hk, t);
           std::copy(x, x + D, o);
         }
       }

@@ -43,13 +43,11 @@ def load():
     if os.environ.get("FORJA_FUSED_KERNELS", "1") == "0":
         _failed = "FORJA_FUSED_KERNELS=0"
         return None
-    from torch.utils.cpp_extension import load as build
+    from torch.utils.cpp_extension import _get_build_directory, load as build
 
     # The name carries the instruction set, so a shared extensions folder never hands an AVX2
     # build to a machine without AVX2.
     name = f"forja_kernels_{torch.backends.cpu.get_cpu_capability().lower()}"
-    from torch.utils.cpp_extension import _get_build_directory
-
     where = Path(_get_build_directory(name, verbose=False))
     if not (where / f"{name}.so").exists():
         print(f"building forja's fused CPU kernels in {where} (once per machine, about a minute)", flush=True)

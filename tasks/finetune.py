@@ -42,9 +42,13 @@ from tasks.suites import jsonl_lines
 log = logging.getLogger("forja.finetune")
 
 
-def read_conversations(path: Path) -> list[list[dict]]:
-    if not path.is_file():
+def data_file(path: str | Path) -> Path:
+    if not Path(path).is_file():
         raise FileNotFoundError(f"finetune.data {path} does not exist")
+    return Path(path)
+
+
+def read_conversations(path: Path) -> list[list[dict]]:
     out = [as_messages(item if isinstance(item, dict) else {}, where) for where, item in jsonl_lines(path, ValueError)]
     if len(out) < 2:
         raise ValueError(f"finetune.data {path} has {len(out)} conversations; at least 2 are needed (train and val)")
@@ -72,7 +76,7 @@ def build_data(cfg: FinetuneConfig, workdir: str, out: Path) -> dict:
     template = ChatTemplate(tok)
     block = ModelConfig.load(out / "base" / CONFIG).block_size
     seq_len = min(cfg.seq_len or block, block)
-    convs = read_conversations(Path(cfg.data))
+    convs = read_conversations(data_file(cfg.data))
     random.Random(cfg.seed).shuffle(convs)
     n_val = max(1, round(cfg.val_fraction * len(convs)))
     pad = tok.token_to_id(PAD)
@@ -160,10 +164,7 @@ def finetune_train(cfg: FinetuneConfig, data: stage.Manifest, workdir: str, expe
 def base_digests(cfg: FinetuneConfig, workdir: str) -> tuple[str, str]:
     """(the base version's weights sha256, the data file's sha256): what the data stage depends on."""
     version = registry.resolve(tracking.client(workdir), cfg.base_model)
-    if not Path(cfg.data).is_file():
-        raise FileNotFoundError(f"finetune.data {cfg.data} does not exist")
-    return version.tags.get("weights_sha256", f"{version.name}/{version.version}"), file_sha256(cfg.data)
-
+    return version.tags.get("weights_sha256", f"{version.name}/{version.version}"), file_sha256(data_file(cfg.data))
 
 
 def build_comparison(cfg: FinetuneConfig, data: stage.Manifest, trained: stage.Manifest, workdir: str,

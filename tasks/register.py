@@ -62,14 +62,9 @@ def rescorer(evaluated: stage.Manifest, metric: str, workdir: str):
         if suite is None:
             raise ValueError(f"champion {champion.version} has no {metric!r} and held-out metrics cannot be "
                              "recomputed here; gate on a suite metric")
-        import tempfile
-
-        from model.generate import load_folder
-
-        with tempfile.TemporaryDirectory() as tmp:
-            model, tokenizer = load_folder(registry.download(mlflow.MlflowClient(), champion, Path(tmp)))
-            sub = cfg.model_copy(update={"suites": [s for s in cfg.suites if s.name == suite]})
-            value = evaluate_model(model, tokenizer, sub)[0][metric]
+        model, tokenizer = registry.load_version(mlflow.MlflowClient(), champion)
+        sub = cfg.model_copy(update={"suites": [s for s in cfg.suites if s.name == suite]})
+        value = evaluate_model(model, tokenizer, sub)[0][metric]
         log.info("register: champion %s re-scored on the current %s suite: %s %.4f", champion.version, suite,
                  metric, value)
         return value

@@ -112,6 +112,17 @@ def download(client: mlflow.MlflowClient, version, dst: Path) -> Path:
     return weights.parent
 
 
+def load_version(client: mlflow.MlflowClient, version):
+    """(model, tokenizer) of a version: downloaded into a temporary folder, sha256-checked,
+    loaded into memory; the folder is removed."""
+    import tempfile
+
+    from model.generate import load_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_folder(download(client, version, Path(tmp)))
+
+
 def record_metrics(client: mlflow.MlflowClient, version, metrics: dict, suites_sha256: dict[str, str]) -> None:
     """Metrics as tags on the version (shown side by side in the MLflow UI's version list)
     and linked to its logged model."""
