@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("forja.kernels")
-_SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCE = Path(__file__).with_name("kernels.cpp")  # part of the pretrain stage's code version
 _ops = None
 _failed: str | None = None
 
@@ -52,7 +52,7 @@ def load():
     if not (where / f"{name}.so").exists():
         print(f"building forja's fused CPU kernels in {where} (once per machine, about a minute)", flush=True)
     try:
-        _ops = build(name=name, sources=[str(_SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+        _ops = build(name=name, sources=[str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
                      verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the eager code still trains
         _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

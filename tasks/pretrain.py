@@ -20,6 +20,7 @@ import mlflow
 from prefect import task
 
 import model.config
+import model.kernels
 import model.train
 from tasks import stage, tracking
 from tasks.config import PretrainConfig
@@ -224,7 +225,7 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
 CODE = ("tasks.pretrain", "model.checkpoint", "model.config", "model.data", "model.generate", "model.gpt", "model.monitor",
-        "model.train")
+        "model.train", "model.kernels", model.kernels.SOURCE)
 
 
 @task(name="pretrain", persist_result=True, cache_policy=stage.cache_policy(*CODE))

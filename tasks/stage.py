@@ -64,11 +64,15 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}.parquet"
 
 
-def code_version(modules: list[ModuleType | str]) -> str:
-    """A hash of the source of the modules (objects or dotted names) that implement a stage."""
+def code_version(modules: list[ModuleType | str | Path]) -> str:
+    """A hash of the source of the modules (objects or dotted names) that implement a stage, and
+    of other source files it runs (Paths: the C++ of the fused kernels)."""
     h = hashlib.sha256()
     for m in modules:
-        h.update(inspect.getsource(importlib.import_module(m) if isinstance(m, str) else m).encode())
+        if isinstance(m, Path):
+            h.update(m.read_bytes())
+        else:
+            h.update(inspect.getsource(importlib.import_module(m) if isinstance(m, str) else m).encode())
     return h.hexdigest()[:12]
 
 
@@ -93,7 +97,7 @@ def run_stage(
     inputs: list[Manifest],
     workdir: str | Path,
     build: Callable[[Path, str], dict],
-    code: list[ModuleType | str],
+    code: list[ModuleType | str | Path],
 ) -> Manifest:
     """Return the finished folder's manifest, or build it in a temp folder and rename it.
 
@@ -136,7 +140,7 @@ def run_stage(
     return manifest
 
 
-def cache_policy(*modules: str):
+def cache_policy(*modules: str | Path):
     """Prefect's cache for a stage task: the same inputs (config slice, upstream manifests,
     workdir), task source and stage code (the named modules, as in the stage key) give a
     Cached state without running the body. TASK_SOURCE alone would miss a change in the

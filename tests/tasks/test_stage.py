@@ -68,3 +68,16 @@ def test_code_version_follows_the_source_of_every_named_module(tmp_path, monkeyp
     importlib.reload(helper_mod)
     assert stage.code_version(["tasks.stage", "helper_mod"]) != before
     sys.modules.pop("helper_mod")
+
+
+def test_code_version_follows_source_files_and_training_counts_its_cpp_kernels(tmp_path):
+    from model import kernels
+    from tasks import finetune, pretrain
+
+    cpp = tmp_path / "k.cpp"
+    cpp.write_text("int f() { return 1; }")
+    before = stage.code_version(["tasks.stage", cpp])
+    cpp.write_text("int f() { return 2; }")
+    assert stage.code_version(["tasks.stage", cpp]) != before
+    for code in (pretrain.CODE, finetune.TRAIN_CODE):  # a change to the kernels retrains
+        assert "model.kernels" in code and kernels.SOURCE in code
