@@ -81,15 +81,29 @@ def run_shard(model_uri: str, tracking_uri: str, prompts: list[str], first_row: 
 @flow(name="forja-batch", log_prints=True)
 def batch(model_uri: str, input_path: str, output_dir: str, shard_size: int = 256, sampling: dict | None = None,
           batch_size: int = 8, workdir: str | None = None, chat: bool = False) -> dict:
-    """Generate for every prompt of input_path into output_dir's Parquet shards, skipping finished ones."""
+    """Generate for every prompt of input_path into output_dir's Parquet shards, skipping finished ones.
+
+    Args:
+        model_uri: the registered version to run: models:/NAME@ALIAS or models:/NAME/VERSION.
+        input_path: Parquet (a `prompt` column) or JSONL (`{"prompt": ...}` a line) file of prompts.
+        output_dir: folder for part-NNNNN.parquet shards (row, prompt, output); a rerun skips finished shards.
+        shard_size: prompts per output shard (the unit of resuming).
+        sampling: generation settings: max_new_tokens, temperature, top_k, top_p, seed.
+        batch_size: prompts decoded together.
+        workdir: the work directory whose MLflow store is used when MLFLOW_TRACKING_URI is not set.
+        chat: send each prompt as a user message through the chat template (fine-tuned models).
+    """
+    from flows.runtime import forward_logs
     from model.generate import Sampling
+
+    forward_logs()
     from tasks import tracking
 
     s = Sampling(**(sampling or {}))  # invalid values fail here, naming the field
     prompts = read_prompts(Path(input_path))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking.tracking_uri(workdir or os.environ.get("FORJA_WORKDIR", "work"))
+    tracking_uri = tracking.tracking_uri(workdir or os.environ.get("FORJA_WORKDIR") or "work")
     _, version = load(model_uri, tracking_uri)
     shards = [(i, prompts[start : start + shard_size]) for i, start in enumerate(range(0, len(prompts), shard_size))]
     done = [i for i, _ in shards if shard_path(out, i).is_file()]

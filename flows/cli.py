@@ -7,6 +7,7 @@
     forja promote NAME VERSION                        move the champion alias to VERSION
     forja rollback NAME                               move it back to the champion before
     forja models NAME                                 versions, aliases and metrics
+    forja history NAME                                every move of champion, whoever made it
     forja export models:/NAME@ALIAS OUT_DIR           the Hugging Face (Llama) form of a version
 
 Environment is settled before Prefect is imported: its home, results and the
@@ -49,12 +50,15 @@ def parser() -> argparse.ArgumentParser:
                      help="override one config value (repeatable), e.g. --set dedupe.threshold=0.9")
     run.add_argument("--workdir", default=None,
                      help="where stage folders, MLflow and Prefect data go (default: $FORJA_WORKDIR or ./work)")
+    run.add_argument("--wait", action="store_true",
+                     help="if another run holds the work directory, wait for it (default: fail at once, naming it)")
     ft = sub.add_parser("finetune", help="fine-tune a registered model on conversations (the config's finetune section)",
                         description="Run the fine-tuning flow: finetune.base_model on finetune.data through the "
                         "chat template, then its suites before and after, then register and gate the result.")
     ft.add_argument("config")
     ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ft.add_argument("--workdir", default=None)
+    ft.add_argument("--wait", action="store_true", help="wait for a run holding the work directory")
     bt = sub.add_parser("batch", help="generate for a file of prompts into Parquet shards (resumable)",
                         description="Batch inference with a registered version: INPUT is Parquet (a 'prompt' column) "
                         "or JSONL ({'prompt': ...} a line); OUTPUT_DIR gets part-NNNNN.parquet shards (row, prompt, "
@@ -89,6 +93,12 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("models", help="a registered model's versions, aliases and metrics")
     ls.add_argument("name")
     ls.add_argument("--workdir", default=None)
+    hi = sub.add_parser("history", help="every move of the champion alias (forja's and by hand), oldest first",
+                        description="One JSON line per move of champion: the version, who moved it (the gate, "
+                        "forja promote/rollback, or by hand in the MLflow UI or API) and when; `forja rollback` "
+                        "walks back through it.")
+    hi.add_argument("name")
+    hi.add_argument("--workdir", default=None)
     ex = sub.add_parser("export", help="write a registered version in the Hugging Face format (Llama layout)")
     ex.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     ex.add_argument("out", help="output folder (replaced)")
@@ -97,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def registry_command(args, workdir: Path) -> int:
-    """evaluate / promote / rollback / models: the registry from the command line."""
+    """evaluate / promote / rollback / models / history: the registry from the command line.
+    Writes hold the model's registry lock, so they queue behind a gate in progress."""
     import json
     import tempfile
 
@@ -123,11 +134,13 @@ def registry_command(args, workdir: Path) -> int:
             model, tokenizer = registry.load_version(client, version)
             metrics, _ = evaluate_model(model, tokenizer, cfg)
             if not args.no_record:
-                with registry.registry_lock(workdir):
+                with registry.registry_lock(workdir, version.name):
+                    registry.reconcile(client, version.name)
                     registry.record_metrics(client, version, metrics, suite_digests(cfg))
             print(json.dumps({"model": version.name, "version": int(version.version), **metrics}))
         elif args.command == "promote":
-            old = registry.promote(client, args.name, args.version)
+            with registry.registry_lock(workdir, args.name):
+                old = registry.promote(client, args.name, args.version)
             print(f"{args.name}: champion {old} -> {args.version} (forja rollback {args.name} moves it back)")
         elif args.command == "export":
             from model.hf import export
@@ -137,12 +150,20 @@ def registry_command(args, workdir: Path) -> int:
                 out = export(registry.download(client, version, Path(tmp)), Path(args.out))
             print(f"{version.name} version {version.version} -> {out} (AutoModelForCausalLM.from_pretrained)")
         elif args.command == "rollback":
-            old, new = registry.rollback(client, args.name)
+            with registry.registry_lock(workdir, args.name):
+                old, new = registry.rollback(client, args.name)
             print(f"{args.name}: champion {old} -> {new}")
-        else:
-            for row in registry.describe(client, args.name):
+        else:  # models, history: a hand move they see is recorded when the lock is free at once
+            show = registry.describe if args.command == "models" else registry.reconcile
+            try:
+                with registry.registry_lock(workdir, args.name, timeout_s=10):
+                    rows = show(client, args.name)
+            except registry.RegistryLockTimeout:  # a gate is running: show now, record next time
+                rows = show(client, args.name, write=False)
+            for row in rows:
                 print(json.dumps(row))
-    except (registry.ModelNotFound, MlflowException, ValueError) as e:
+    except (registry.ModelNotFound, registry.RegistryLockTimeout, registry.RegistryLockError, MlflowException,
+            ValueError) as e:
         message = e.message if isinstance(e, MlflowException) else str(e)
         print(f"forja: {message}", file=sys.stderr)
         return 2
@@ -229,19 +250,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelNotFound) as e:
         print(f"forja: {e}", file=sys.stderr)
         return 2
+    from flows.runtime import WorkdirBusy
+
     t0 = time.time()
-    if args.command == "finetune":
-        from flows.finetune import finetune
+    busy = "wait" if args.wait else "fail"
+    try:
+        if args.command == "finetune":
+            from flows.finetune import finetune
 
-        report_finetune(finetune(config_path=args.config, overrides=args.overrides, workdir=str(workdir)),
-                        time.time() - t0)
-        return 0
-    from flows.pipeline import pipeline
+            result = finetune(config_path=args.config, overrides=args.overrides, workdir=str(workdir), if_busy=busy)
+            report_finetune(result, time.time() - t0)
+            return 0
+        from flows.pipeline import pipeline
 
-    result = pipeline(config_path=args.config, overrides=args.overrides, workdir=str(workdir))
+        result = pipeline(config_path=args.config, overrides=args.overrides, workdir=str(workdir), if_busy=busy)
+    except WorkdirBusy as e:
+        print(f"forja: {e} (or pass --wait)", file=sys.stderr)
+        return 2
     report(result, time.time() - t0)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,44 +3,58 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal
 
 from prefect import flow
 
+from flows.runtime import forward_logs, link_mlflow_run, with_policy, workdir_lock
 from tasks.config import load_config
 from tasks.crawl import crawl
 from tasks.dedupe import dedupe
 from tasks.evaluate import evaluate, suite_digests
 from tasks.normalize import normalize
-from tasks.pretrain import pretrain
+from tasks.pretrain import init_base, pretrain
 from tasks.register import register
 from tasks.tokenization import tokenize
 
-# Stage progress is logged on "forja.*" loggers; Prefect forwards them to the run's log
-# (PREFECT_LOGGING_EXTRA_LOGGERS=forja) once they pass this level.
+# Stage progress is logged on "forja.*" loggers; flows.runtime.forward_logs sends them to the
+# run's log in the Prefect UI once they pass this level.
 logging.getLogger("forja").setLevel(logging.INFO)
 
 
 def default_workdir() -> str:
-    return os.environ.get("FORJA_WORKDIR", "work")
+    return os.environ.get("FORJA_WORKDIR") or "work"
 
 
 @flow(name="forja-pipeline", log_prints=True)
 def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-             workdir: str | None = None) -> dict:
+             workdir: str | None = None, if_busy: Literal["wait", "fail"] = "wait") -> dict:
     """Build a corpus, train, evaluate and register a model from one config file.
 
-    overrides are `section.key=value` strings, as `forja run --set` takes them.
+    Args:
+        config_path: YAML config in configs/ (relative to the repository root the worker runs in).
+        overrides: config values to change for this run, one `section.key=value` each,
+            e.g. `pretrain.max_steps=600` or `dedupe.threshold=0.9` (as `forja run --set`).
+        workdir: where stage folders, checkpoints and the local MLflow/Prefect data go;
+            empty: $FORJA_WORKDIR, else ./work.
+        if_busy: when another run holds the work directory: `wait` for it, or `fail` at once.
     """
-    cfg = load_config(config_path, overrides or [])
+    forward_logs()
+    cfg = load_config(config_path, overrides or [])  # a bad config fails here, before any stage
     wd = os.path.abspath(workdir or default_workdir())
-    crawled = crawl(cfg.crawl, wd)
-    deduped = dedupe(cfg.dedupe, crawled, wd)
-    normalized = normalize(cfg.normalize, deduped, wd)
-    tokens = tokenize(cfg.tokenize, normalized, wd)
-    trained = pretrain(cfg.pretrain, tokens, wd, cfg.register.experiment, [crawled, deduped, normalized])
-    evaluated = evaluate(cfg.evaluate, trained, tokens, wd, suite_digests(cfg.evaluate))
-    lineage = {m.stage: m.key for m in (crawled, deduped, normalized, tokens, trained, evaluated)}
-    registered = register(cfg.register, trained, evaluated, lineage, wd)
+    with workdir_lock(wd, if_busy):
+        crawled = with_policy(crawl)(cfg.crawl, wd)
+        deduped = with_policy(dedupe)(cfg.dedupe, crawled, wd)
+        normalized = with_policy(normalize)(cfg.normalize, deduped, wd)
+        base = init_base(cfg.pretrain, cfg.tokenize, wd)  # pretrain.init_from's version (its tokenizer), or None
+        tokens = with_policy(tokenize)(cfg.tokenize, normalized, wd, base)
+        trained = with_policy(pretrain)(cfg.pretrain, tokens, wd, cfg.register.experiment,
+                                        [crawled, deduped, normalized], cfg.register.model_name, base)
+        link_mlflow_run(trained.stats["mlflow_run_id"], wd, "MLflow training run")
+        evaluated = with_policy(evaluate)(cfg.evaluate, trained, tokens, wd, suite_digests(cfg.evaluate))
+        lineage = {m.stage: m.key for m in (crawled, deduped, normalized, tokens, trained, evaluated)}
+        registered = with_policy(register)(cfg.register, trained, evaluated, lineage, wd,
+                                           trained.stats.get("version_tags") or None)
     return {
         "workdir": wd,
         "stages": {m.stage: m.folder for m in (crawled, deduped, normalized, tokens, trained, evaluated, registered)},

@@ -25,22 +25,38 @@ def test_misspelt_key_fails_before_anything_runs(tmp_path):
     assert not (tmp_path / "w" / "artifacts").exists()
 
 
-def test_prefect_yaml_declares_a_weekly_process_deployment_of_the_pipeline():
+def test_prefect_yaml_declares_the_service_deployments():
     from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    flows = {"demo-weekly": "forja-pipeline", "demo-finetune-weekly": "forja-finetune", "batch": "forja-batch"}
+    flows = {"demo-weekly": "forja-pipeline", "demo-finetune": "forja-finetune", "batch": "forja-batch",
+             "promote": "forja-promote", "rollback": "forja-rollback"}
     assert set(deployments) == set(flows)
     for name, dep in deployments.items():
         assert dep["entrypoint"].startswith("flows/")
         flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
         assert flow.name == flows[name]
-        assert set(dep["parameters"]) <= set(flow.parameters.properties)
-        assert dep["work_pool"]["name"]
-    dep = deployments["demo-weekly"]
-    assert (ROOT / dep["parameters"]["config_path"]).is_file()
+        props = flow.parameters.properties
+        assert set(dep["parameters"]) <= set(props)
+        # The UI form is usable by a person: every parameter described.
+        assert all(p.get("description") for p in props.values()), (name, props)
+        assert dep["work_pool"]["name"] == "forja-process"
+        # A worker's run sends forja's own logs to the run's log.
+        assert dep["work_pool"]["job_variables"]["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "forja"
+    weekly = deployments["demo-weekly"]
+    assert (ROOT / weekly["parameters"]["config_path"]).is_file()
     assert (ROOT / deployments["batch"]["parameters"]["input_path"]).is_file()
-    (schedule,) = dep["schedules"]
+    (schedule,) = weekly["schedules"]
     minute, hour, dom, month, dow = schedule["cron"].split()
     assert dom == "*" and month == "*" and dow not in ("*",)  # once a week
+    # One run per deployment at a time: a second one waits its turn.
+    for name in ("demo-weekly", "demo-finetune"):
+        assert deployments[name]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    # The fine-tune follows the retrain's completion, not the clock.
+    ft = deployments["demo-finetune"]
+    assert "schedules" not in ft
+    (trigger,) = ft["triggers"]
+    assert trigger["expect"] == ["prefect.flow-run.Completed"]
+    assert trigger["match_related"]["prefect.resource.name"] == "demo-weekly"
+    assert "flow_run.parameters.config_path" in trigger["parameters"]["config_path"]
