@@ -46,12 +46,33 @@ class CrawlConfig(Section):
     user_agent: str = "forja/0.1 (+https://github.com/forja-llm/forja)"
     licence: str = Field("", description="licence or source note stored with every document")
     shard_docs: int = Field(5000, ge=1, description="documents per output shard; later stages map over shards")
+    refresh: str | None = Field(
+        None, description="web seeds: revalidate the pages after this long (e.g. 7d, 12h, 30m) with conditional "
+        "requests (If-None-Match / If-Modified-Since): an unchanged page costs a 304 and keeps its document, a "
+        "changed one is fetched again, and the crawl key follows the documents produced. Within the period the last "
+        "crawl is reused without touching the network. Default: no refresh, a crawl of the same config is reused. "
+        "Local sources (folders, warc, jsonl, seed_files, serve_dir) always count by a fingerprint of their content")
 
     @model_validator(mode="after")
     def _check(self):
         if not (self.seeds or self.seed_files or self.warc or self.folders or self.jsonl):
             raise ValueError("crawl needs at least one source: seeds, seed_files, warc, folders or jsonl")
+        if self.refresh is not None:
+            self.refresh_seconds  # noqa: B018 - parses, raising a message that names the field
         return self
+
+    @property
+    def refresh_seconds(self) -> float | None:
+        """crawl.refresh in seconds (None when unset)."""
+        import re
+
+        if self.refresh is None:
+            return None
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", self.refresh)
+        if not m or float(m.group(1)) <= 0:
+            raise ValueError(f"crawl.refresh ({self.refresh!r}) must be a positive duration such as 7d, 12h, 30m, "
+                             "90s or 2w")
+        return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
 
 
 class DedupeConfig(Section):
@@ -62,7 +83,12 @@ class DedupeConfig(Section):
     workers: int = Field(0, ge=0, description="processes computing signatures of large corpora; 0 = all cores")
     index: Literal["memory", "redis"] = Field("memory", description="where the LSH index lives")
     redis_url: str = "redis://127.0.0.1:6379/0"
-    index_name: str | None = Field(None, description="keep the index across runs under this name (incremental)")
+    index_name: str | None = Field(None, description="keep the index across runs under this name (incremental): "
+                                   "later runs are deduplicated against every document kept before")
+    incremental: Literal["corpus", "new_only"] = Field(
+        "corpus", description="with index_name: 'corpus' outputs the whole current corpus (a document kept before "
+        "with the same text stays, a changed one replaces its own old entry, a new one that duplicates anything kept "
+        "before is removed); 'new_only' outputs only new or changed documents (unchanged ones are removed as 'seen')")
 
     @model_validator(mode="after")
     def _check(self):

@@ -2,7 +2,13 @@
 
 Plain functions (decoding, extraction, the breadth-first walk, the sources) and, at the
 bottom, the Prefect task that wraps them into a stage folder. HTTP rules live in
-tasks/fetch.py, file sources in tasks/sources.py.
+tasks/fetch.py, file sources in tasks/sources.py, what the key follows besides the config
+(local content, the refresh window) in tasks/freshness.py, revalidation in tasks/httpcache.py.
+
+The key: config + code + a fingerprint of the local sources' content. With crawl.refresh
+and web seeds, the pages are walked first (revalidated when the refresh is due) and the key
+also holds a digest of the documents produced, so an unchanged site gives the key it had
+and one changed page gives a new one.
 """
 from __future__ import annotations
 
@@ -10,10 +16,16 @@ import codecs
 import contextlib
 import email.message
 import hashlib
+import json
 import logging
+import math
+import os
 import re
+import shutil
+import uuid
 from collections import Counter, deque
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import lxml.html
@@ -22,9 +34,10 @@ import pyarrow.parquet as pq
 import trafilatura
 from prefect import task
 
-from tasks import fetch, sites, sources, stage
+from tasks import fetch, freshness, sites, sources, stage
 from tasks.config import CrawlConfig
 from tasks.fetch import CrawlError, Fetcher, Refused
+from tasks.httpcache import HttpCache
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.crawl")
@@ -36,6 +49,10 @@ DOC_SCHEMA = pa.schema([
 ])
 HTML_TYPES = fetch.HTML_TYPES
 MAX_HTML_CHARS = 2_000_000  # bigger pages are set aside: parsing one costs ~50x its size in memory
+# Pages of crawl.serve_dir are named with this in place of the loopback address, whose port
+# changes every run: a page keeps its url and id across runs (incremental dedupe, content keys).
+SERVED = "{serve}"
+FRESHNESS = ("new", "changed", "unchanged", "not_modified", "reused")
 
 
 def doc_id(url: str) -> str:
@@ -159,6 +176,7 @@ class DocumentSink:
         self.rows: list[dict] = []
         self.ids: set[str] = set()
         self.batch, self.count, self.chars, self.in_shard, self.shard = batch, 0, 0, 0, 0
+        self._digest = hashlib.sha256()
 
     def __len__(self) -> int:
         return self.count
@@ -171,11 +189,18 @@ class DocumentSink:
         self.count += 1
         self.in_shard += 1
         self.chars += len(doc["text"])
+        # Everything but fetched_at: the same content fetched again gives the same digest.
+        self._digest.update(json.dumps({k: v for k, v in doc.items() if k != "fetched_at"}, sort_keys=True).encode())
         if len(self.rows) >= self.batch or self.in_shard >= self.shard_docs:
             self.flush()
         if self.in_shard >= self.shard_docs:
             self._roll()
         return True
+
+    @property
+    def digest(self) -> str:
+        """A digest of the documents appended so far, in order, without their fetch times."""
+        return self._digest.hexdigest()[:16]
 
     def flush(self) -> None:
         if self.rows:
@@ -197,10 +222,23 @@ class DocumentSink:
             self.writer.close()
 
 
-def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: DocumentSink) -> None:
-    """Breadth-first walk from seeds within scope, appending documents and counting outcomes."""
+def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: DocumentSink,
+               cache: HttpCache | None = None, fresh_since: float = math.inf, served: str = "") -> None:
+    """Breadth-first walk from seeds within scope, appending documents and counting outcomes.
+
+    With a cache, pages are revalidated (see tasks/fetch.py) and counted by freshness.
+    served is the base URL of serve_dir: its pages are named {serve}/... and never cached
+    (the folder's fingerprint already says whether they changed).
+    """
     scopes = [(urlsplit(s).netloc, p) for s in seeds for p in (cfg.path_prefixes or [urlsplit(s).path.rsplit("/", 1)[0] + "/"])]
-    fetcher = Fetcher(cfg)
+
+    def is_served(url: str) -> bool:
+        return bool(served) and (url == served or url.startswith(served + "/"))
+
+    def name(url: str) -> str:
+        return SERVED + url[len(served):] if is_served(url) else url
+
+    fetcher = Fetcher(cfg, cache=cache, fresh_since=fresh_since, cache_key=lambda url: None if is_served(url) else url)
     queue = deque((s, 0) for s in dict.fromkeys(seeds))
     seen, start = set(seeds), len(docs)
     try:
@@ -232,8 +270,10 @@ def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: Docume
                     raise CrawlError(f"seed {url} answered HTTP {page.status}")
                 counts[f"http_{page.status}"] += 1
                 continue
-            doc, html = to_document({"url": page.url, "status": page.status, "content_type": page.content_type,
-                                     "body": page.body}, "http", depth, cfg, counts)
+            if page.freshness:
+                counts[page.freshness] += 1
+            doc, html = to_document({"url": name(page.url), "status": page.status, "content_type": page.content_type,
+                                     "body": page.body, "fetched_at": page.fetched_at}, "http", depth, cfg, counts)
             if doc is None:
                 continue
             if not docs.append(doc):  # a redirect landed on a page already crawled
@@ -264,8 +304,10 @@ def read_files(cfg: CrawlConfig, counts: Counter, docs: DocumentSink) -> None:
                 counts[f"{source}_documents"] += 1
 
 
-def build(cfg: CrawlConfig, out: Path) -> dict:
-    """Gather every configured source (serving cfg.serve_dir on loopback first, when set)."""
+def build(cfg: CrawlConfig, out: Path, cache: HttpCache | None = None, fresh_since: float = math.inf) -> dict:
+    """Gather every configured source (serving cfg.serve_dir on loopback first, when set).
+
+    Returns the stats, with content_digest: a digest of the documents (see DocumentSink)."""
     if any("{serve}" in s for s in cfg.seeds) and not cfg.serve_dir:
         raise CrawlError("crawl.seeds use {serve} but crawl.serve_dir is not set")
     counts: Counter = Counter()
@@ -274,7 +316,7 @@ def build(cfg: CrawlConfig, out: Path) -> dict:
         with sites.serve_folder(cfg.serve_dir) if cfg.serve_dir else contextlib.nullcontext("") as base:
             seeds = [s.replace("{serve}", base) for s in cfg.seeds] + read_seed_files(cfg.seed_files)
             if seeds:
-                crawl_site(cfg, seeds, counts, docs)
+                crawl_site(cfg, seeds, counts, docs, cache, fresh_since, base)
         read_files(cfg, counts, docs)
     finally:
         docs.close()
@@ -282,16 +324,82 @@ def build(cfg: CrawlConfig, out: Path) -> dict:
         hint = ("; the SSRF guard refused a non-public address: set crawl.allow_loopback: true for a server on "
                 "this machine" if counts["refused_non_public_address"] else "; check crawl.seeds and the other sources")
         raise CrawlError(f"the crawl produced no documents ({dict(counts)}){hint}")
-    return {"documents": len(docs), "counts": dict(counts), "text_chars": docs.chars}
+    return {"documents": len(docs), "counts": dict(counts), "text_chars": docs.chars, "content_digest": docs.digest}
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.crawl", "tasks.fetch", "tasks.sites", "tasks.sources")
+CODE = ("tasks.crawl", "tasks.fetch", "tasks.sites", "tasks.sources", "tasks.httpcache", "tasks.freshness")
 
 
-@task(name="crawl", persist_result=True, cache_policy=stage.cache_policy(*CODE))
+class CrawlRun(NamedTuple):
+    manifest: stage.Manifest
+    counts: dict[str, int]  # what this run did; {} when it reused a finished crawl without crawling
+
+
+def http_cache(workdir: str | Path) -> HttpCache:
+    return HttpCache(Path(workdir) / "http-cache")
+
+
+def crawl_stage(cfg: CrawlConfig, workdir: str | Path, now: float | None = None) -> CrawlRun:
+    """The crawl's stage folder: keyed by config, code and the local sources' fingerprint;
+    with crawl.refresh and web seeds, also by the documents the (re)validated walk produced."""
+    fingerprint = freshness.local_fingerprint(cfg)
+    config = cfg.model_dump(mode="json") | {"sources_fingerprint": fingerprint}
+    ran: dict[str, int] = {}
+
+    def run(out: Path, key: str) -> dict:
+        stats = build(cfg, out, http_cache(workdir))
+        ran.update(stats["counts"])
+        return stats
+
+    if not freshness.refreshes(cfg):
+        return CrawlRun(stage.run_stage("crawl", config, [], workdir, run, CODE), ran)
+
+    window = freshness.open_window(workdir, freshness.request_id(cfg, fingerprint, stage.code_version(list(CODE))),
+                                   cfg.refresh_seconds, now)
+    if window.output_key and (stage.stage_dir(workdir, "crawl", window.output_key) / stage.MANIFEST).is_file():
+        log.info("crawl: within the refresh period (since %s), reusing crawl %s", window.started, window.output_key)
+        folder = stage.stage_dir(workdir, "crawl", window.output_key)
+        return CrawlRun(stage.Manifest.model_validate_json((folder / stage.MANIFEST).read_text()), ran)
+    walk = stage.stage_dir(workdir, "crawl", f".walk-{uuid.uuid4().hex[:8]}")
+    walk.mkdir(parents=True)
+    try:
+        stats = build(cfg, walk, http_cache(workdir), fresh_since=window.started)
+
+        def adopt(out: Path, key: str) -> dict:  # the walk's documents become the new folder
+            for f in walk.iterdir():
+                os.replace(f, out / f.name)
+            ran["adopted"] = 1
+            return stats
+
+        m = stage.run_stage("crawl", config | {"content_digest": stats["content_digest"]}, [], workdir, adopt, CODE)
+    finally:
+        shutil.rmtree(walk, ignore_errors=True)
+    counts = {k: stats["counts"].get(k, 0) for k in FRESHNESS}
+    window.record(m.key, stats["counts"])
+    log.info("crawl: %s %s after revalidation: %s", "new crawl" if ran else "same documents, crawl", m.key,
+             ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return CrawlRun(m, stats["counts"])
+
+
+def _publish_run(run: CrawlRun) -> None:
+    """This run's revalidation counts, when it reused a folder whose manifest holds another run's."""
+    if not run.counts or run.counts == run.manifest.stats.get("counts"):
+        return
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(key="crawl-refresh", table=[{"metric": k, "value": v} for k, v in run.counts.items()],
+                              description=f"crawl {run.manifest.key}: what this run's revalidation found")
+    except Exception as e:  # a view only
+        log.warning("could not publish the crawl-refresh artifact: %s", e)
+
+
+@task(name="crawl", persist_result=True,
+      cache_policy=stage.cache_policy(*CODE) + freshness.CrawlSources(code=stage.code_version(list(CODE))))
 def crawl(cfg: CrawlConfig, workdir: str) -> stage.Manifest:
-    """Gather the configured sources into a documents folder."""
-    m = stage.run_stage("crawl", cfg, [], workdir, lambda out, key: build(cfg, out), CODE)
-    publish_counts("crawl", m)
-    return m
+    """Gather the configured sources into a documents folder (see crawl_stage for its key)."""
+    run = crawl_stage(cfg, workdir)
+    publish_counts("crawl", run.manifest)
+    _publish_run(run)
+    return run.manifest

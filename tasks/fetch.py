@@ -10,22 +10,28 @@
 - SSRF guard: every hop's host is resolved and refused if any address is not public
   (loopback, private, link-local, reserved, IPv4-mapped IPv6 ...), including numeric
   spellings such as 2130706433 or 0x7f.0.0.1. Loopback only when allowed in config.
+- Revalidation (with an HttpCache): a page stored before is asked for with If-None-Match /
+  If-Modified-Since, a 304 keeps the stored body; one checked since `fresh_since` (within
+  the current refresh window) is served from the store without a request.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 import time
 import urllib.robotparser
 import zlib
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from tasks.config import CrawlConfig
+from tasks.httpcache import Entry, HttpCache
 
 log = logging.getLogger("forja.crawl")
 
@@ -56,6 +62,12 @@ class Page:
     status: int
     content_type: str
     body: bytes
+    # With a cache: "new", "changed", "unchanged" (a 200 with the stored body), "not_modified"
+    # (a 304) or "reused" (checked within the refresh window, no request); "" without one.
+    freshness: str = ""
+    fetched_at: str = ""  # when this body was received ("" = now)
+    etag: str = ""
+    last_modified: str = ""
 
 
 def media_type(content_type: str) -> str:
@@ -135,6 +147,9 @@ class Fetcher:
     robots: dict[str, tuple[float, urllib.robotparser.RobotFileParser]] = field(default_factory=dict)
     last_hit: dict[str, float] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)  # origin -> why its robots.txt failed
+    cache: HttpCache | None = None  # revalidation store; None = plain fetching
+    fresh_since: float = math.inf  # entries checked at or after this time are reused without a request
+    cache_key: Callable[[str], str | None] = lambda url: url  # None: never cache this URL
 
     def __post_init__(self):
         self.client = httpx.Client(
@@ -153,27 +168,50 @@ class Fetcher:
             time.sleep(wait)
         self.last_hit[host] = time.monotonic()
 
-    def get(self, url: str, accept: tuple[str, ...] = TEXT_TYPES) -> Page:
-        """Fetch url following up to 5 redirects, each hop guarded; see the module docstring."""
+    def get(self, url: str, accept: tuple[str, ...] = TEXT_TYPES, conditional: bool = True) -> Page:
+        """Fetch url following up to 5 redirects, each hop guarded; see the module docstring.
+
+        conditional=False bypasses the revalidation store (robots.txt)."""
         for _ in range(MAX_REDIRECTS + 1):
+            key = self.cache_key(url) if self.cache is not None and conditional else None
+            entry = self.cache.load(key) if key else None
+            if entry is not None and entry.body is not None and entry.checked_at >= self.fresh_since:
+                return Page(url, entry.status, entry.content_type, entry.body, "reused", entry.fetched_at)
             public_address_check(url, self.cfg.allow_loopback)
-            page = self._get_one(url, accept)
+            page = self._get_one(url, accept, entry)
             if page.status in REDIRECT_STATUS:
                 url = page.url
                 continue
+            if key and page.status < 400:
+                page = self._remember(key, entry, page)
             return page
         raise Refused(url, "too_many_redirects", f"more than {MAX_REDIRECTS}")
 
-    def _get_one(self, url: str, accept: tuple[str, ...]) -> Page:
+    def _remember(self, key: str, entry: Entry | None, page: Page) -> Page:
+        """Store a 200 or turn a 304 into the stored page, noting its freshness."""
+        if page.status == 304:
+            entry = self.cache.not_modified(entry, page.etag, page.last_modified)
+            return Page(page.url, entry.status, entry.content_type, entry.body, "not_modified", entry.fetched_at)
+        entry, kind = self.cache.received(key, entry, page.status, page.content_type, page.body, page.etag,
+                                          page.last_modified)
+        return Page(page.url, page.status, page.content_type, page.body, kind, entry.fetched_at)
+
+    def _get_one(self, url: str, accept: tuple[str, ...], entry: Entry | None = None) -> Page:
         host = urlsplit(url).netloc
         reason = ""
+        validators = entry.validators() if entry is not None else {}
         for attempt in range(self.cfg.retries + 1):
             self._wait(host, self.delay_for(url))
             pause = self.cfg.backoff_s * 2**attempt
             try:
-                with self.client.stream("GET", url) as r:
+                with self.client.stream("GET", url, headers=validators) as r:
                     if r.status_code in REDIRECT_STATUS and "location" in r.headers:
                         return Page(urljoin(url, r.headers["location"]), r.status_code, "", b"")
+                    if r.status_code == 304:
+                        if not validators:  # nothing stored to keep: the server is confused
+                            raise CrawlError(f"{url} answered 304 Not Modified to an unconditional request")
+                        return Page(url, 304, "", b"", etag=r.headers.get("etag", ""),
+                                    last_modified=r.headers.get("last-modified", ""))
                     if r.status_code in RETRY_STATUS:
                         reason = f"HTTP {r.status_code}"
                         pause = max(pause, retry_after_seconds(r.headers.get("retry-after")) or 0)
@@ -183,7 +221,8 @@ class Fetcher:
                             return Page(url, r.status_code, ctype, b"")
                         if media_type(ctype) not in accept:
                             raise Refused(url, "content_type", media_type(ctype) or "none")
-                        return Page(url, r.status_code, ctype, self._read_body(url, r))
+                        return Page(url, r.status_code, ctype, self._read_body(url, r),
+                                    etag=r.headers.get("etag", ""), last_modified=r.headers.get("last-modified", ""))
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 reason = f"{type(e).__name__}: {e}"
             if attempt < self.cfg.retries:
@@ -219,7 +258,7 @@ class Fetcher:
             return cached[1]
         rp = urllib.robotparser.RobotFileParser(origin + "/robots.txt")
         try:
-            page = self.get(origin + "/robots.txt", accept=("text/plain", "text/html", ""))
+            page = self.get(origin + "/robots.txt", accept=("text/plain", "text/html", ""), conditional=False)
             if page.status >= 500:
                 rp.disallow_all = True
             elif page.status >= 400:
