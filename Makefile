@@ -9,8 +9,22 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# The service stack (make up): ports, database (DB=sqlite|postgres, or DATABASE_URL=postgresql://...)
+# and how long it may take to become healthy; flows/stack.py reads them from the environment.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+PG_PORT ?=
+DB ?= sqlite
+STACK_TIMEOUT ?= 120
+STACK_ENV = PATH=$(CURDIR)/$(BIN):$$PATH FORJA_WORKDIR=$(abspath $(WORKDIR)) PREFECT_PORT=$(PREFECT_PORT) \
+  MLFLOW_PORT=$(MLFLOW_PORT) PG_PORT=$(PG_PORT) DB=$(DB) STACK_TIMEOUT=$(STACK_TIMEOUT)
+# Debian packages: redis-server (dedupe index), chromium + chromium-driver (UI tests),
+# docker-compose (compose file check), postgresql (a private PostgreSQL cluster).
+SYSTEM_DEPS := redis-server:/usr/bin/redis-server chromium:/usr/bin/chromium \
+  chromium-driver:/usr/bin/chromedriver docker-compose:/usr/bin/docker-compose \
+  postgresql:/usr/lib/postgresql/15/bin/initdb
 
-.PHONY: install system-deps demo serve test test-fast bench clean help
+.PHONY: install system-deps demo serve test test-fast bench clean help up down status
 
 help:
 	@echo "make demo     install, then run the pipeline on configs/demo.yaml (crawl -> register), then fine-tune"
@@ -18,6 +32,9 @@ help:
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create $(VENV) and install forja with its test tools"
 	@echo "make bench    run the benchmarks in benchmarks/"
+	@echo "make up       start the service: Prefect server + worker + deployments, MLflow server (DB=postgres for PostgreSQL)"
+	@echo "make down     stop what make up started (the data under $(WORKDIR)/service is kept)"
+	@echo "make status   what the service runs and whether it answers"
 	@echo "make clean    remove the work directory ($(WORKDIR))"
 
 install: $(STAMP)
@@ -30,11 +47,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian packages the tests talk to: a real redis-server (the dedupe index on Redis).
+# Debian packages the tests talk to (SYSTEM_DEPS: package:file it provides), installed when missing.
 system-deps:
-	@command -v redis-server >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q redis-server; \
-	  else sudo apt-get update -q && sudo apt-get install -y -q redis-server; fi; }
+	@missing=""; for dep in $(SYSTEM_DEPS); do test -e "$${dep#*:}" || missing="$$missing $${dep%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; fi
+
+# The service on this machine (flows/stack.py): data, logs and pid files under $(WORKDIR)/service.
+up: install
+	@$(STACK_ENV) $(BIN)/python -m flows.stack up
+
+down:
+	@$(STACK_ENV) $(BIN)/python -m flows.stack down
+
+status:
+	@$(STACK_ENV) $(BIN)/python -m flows.stack status
 
 demo: install
 	$(BIN)/forja run configs/demo.yaml --workdir $(WORKDIR)

@@ -273,20 +273,24 @@ def pg_create_databases(settings: Settings, deadline: float) -> None:
     else:
         raise StackError(f"PostgreSQL at {urlsplit(server_url(settings)).hostname}:{urlsplit(server_url(settings)).port} "
                          f"did not accept connections in {settings.timeout:.0f} s (STACK_TIMEOUT): {last}")
-    conn.autocommit = True
-    with conn, conn.cursor() as cur:
-        for name in DATABASES:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    try:
+        with conn.cursor() as cur:
+            for name in DATABASES:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
 
 
 def backends(settings: Settings) -> tuple[str, str]:
     """(Prefect's database URL or '' for its SQLite default, MLflow's backend store URI)."""
     if settings.db == "postgres":
         url = server_url(settings)
-        return url.replace("postgresql://", "postgresql+asyncpg://", 1) + "/prefect", url + "/mlflow"
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3: name the driver installed (psycopg2-binary)
+        return (url.replace("postgresql://", "postgresql+asyncpg://", 1) + "/prefect",
+                url.replace("postgresql://", "postgresql+psycopg2://", 1) + "/mlflow")
     return "", f"sqlite:///{settings.service / 'mlflow.db'}"
 
 
@@ -598,7 +602,7 @@ def status(settings: Settings) -> int:
 def container_commands() -> dict[str, list[str]]:
     """The same commands as infra/docker/compose.yaml runs them (service names as hosts)."""
     return {"prefect-server": prefect_server_command("0.0.0.0", 4200),
-            "mlflow": mlflow_server_command("postgresql://forja:forja@postgres:5432/mlflow", "/data/mlartifacts",
+            "mlflow": mlflow_server_command("postgresql+psycopg2://forja:forja@postgres:5432/mlflow", "/data/mlartifacts",
                                             "0.0.0.0", 5000, allowed_hosts="mlflow:5000,localhost:5000,127.0.0.1:5000"),
             "worker": worker_command(),
             "deploy": ["sh", "-c", f"prefect work-pool inspect {POOL} >/dev/null 2>&1 || "
