@@ -2,6 +2,13 @@
 
 Every removed document is linked to the kept one it duplicates, with the kind of match
 and the estimated Jaccard similarity, in removed.parquet.
+
+With a persistent index (dedupe.index_name) a run is deduplicated against every document
+kept before. In the default `incremental: corpus` mode the output is still the whole
+current corpus: a document kept before with the same text stays (counted unchanged), a
+changed one replaces its own old entry (it is never a duplicate of itself), and a new one
+that duplicates anything kept before is removed, naming it. `incremental: new_only`
+outputs only new and changed documents.
 """
 from __future__ import annotations
 
@@ -66,15 +73,19 @@ def signature_matrix(texts: list[str], cfg: DedupeConfig) -> np.ndarray:
 
 
 def decide(chunks: Iterable[tuple[Any, list[str], list[str]]], cfg: DedupeConfig, index: DedupeIndex,
-           parallel: bool) -> Iterator[tuple[Any, dict[int, tuple[str, str, float]]]]:
+           parallel: bool, tally: Counter | None = None) -> Iterator[tuple[Any, dict[int, tuple[str, str, float]]]]:
     """For each (payload, ids, texts) chunk, in order: (payload, removals by position in the chunk).
 
-    Documents are visited in order, so the first of a group is kept. LSH candidates are
-    confirmed by their signature Jaccard before a document is removed, which is why the
-    bands are tuned for recall. Documents indexed by earlier runs count too: kind is
-    "exact", "near", or "seen" for an id the index already holds with the same text.
+    Documents are visited in order, so the first of a group is kept; documents indexed by
+    earlier runs come before all of them. LSH candidates are confirmed by their signature
+    Jaccard before a document is removed, which is why the bands are tuned for recall.
+    Removal kinds: "exact", "near", and "seen" (an id this run already had, or, in
+    new_only mode, a document kept before with the same text). tally counts the kept
+    documents as "new", "changed" (an indexed id whose text changed) or "unchanged".
     """
     waiting: deque = deque()
+    tally = Counter() if tally is None else tally
+    this_run: set[str] = set()
 
     def texts():
         for payload, ids, chunk_texts in chunks:
@@ -85,8 +96,22 @@ def decide(chunks: Iterable[tuple[Any, list[str], list[str]]], cfg: DedupeConfig
         payload, ids = waiting.popleft()
         removed: dict[int, tuple[str, str, float]] = {}
         for i, (key, row, digest, bands) in enumerate(zip(ids, block, digests, index.bands(block))):
+            if key in this_run:  # the same id twice in one input: keep the first
+                removed[i] = (key, "seen", 1.0)
+                continue
+            this_run.add(key)
+            changed = False
+            if index.has(key):  # kept by an earlier run
+                if index.digest_for(key) == digest:
+                    if cfg.incremental == "new_only":
+                        removed[i] = (key, "seen", 1.0)
+                    else:
+                        tally["unchanged"] += 1
+                    continue
+                index.remove(key)  # its text changed: compare the new text with the others, not itself
+                changed = True
             if (dup := index.exact(digest)) is not None:
-                removed[i] = (dup, "seen" if dup == key else "exact", 1.0)
+                removed[i] = (dup, "exact", 1.0)
                 continue
             best, best_sim = None, 0.0
             for cand in index.candidates(bands):
@@ -97,6 +122,7 @@ def decide(chunks: Iterable[tuple[Any, list[str], list[str]]], cfg: DedupeConfig
                 removed[i] = (best, "near", best_sim)
             else:
                 index.add(key, digest, row, bands)
+                tally["changed" if changed else "new"] += 1
         yield payload, removed
 
 
@@ -126,38 +152,42 @@ def build(cfg: DedupeConfig, documents: list[Path], out: Path, workdir: str | No
     previous, ok = len(index), False
     n_in = n_out = 0
     kinds: Counter = Counter()
+    tally: Counter = Counter()
     url_of: dict[str, str] = {}
+    removed_rows: list[dict] = []  # written at the end, when every kept document's url is known
     chunks = (((n, b), b.column("id").to_pylist(), b.column("text").to_pylist())
               for n, src in enumerate(sources) for b in src.iter_batches(batch_size=CHUNK))
     parallel = sum(src.metadata.num_rows for src in sources) >= PARALLEL_MIN_DOCS
     writers: dict[int, pq.ParquetWriter] = {}
     try:
-        with pq.ParquetWriter(out / "removed.parquet", REMOVED_SCHEMA, compression="zstd") as removed_out:
-            for (n, batch), removed in decide(chunks, cfg, index, parallel):
-                if n not in writers:  # shards arrive in order: close the previous one
-                    for w in writers.values():
-                        w.close()
-                    writers = {n: pq.ParquetWriter(out / stage.shard_name("documents", n), sources[n].schema_arrow,
-                                                   compression="zstd")}
-                ids, urls = batch.column("id").to_pylist(), batch.column("url").to_pylist()
-                keep = np.array([i not in removed for i in range(batch.num_rows)], dtype=bool)
-                url_of.update((k, u) for k, u, kept in zip(ids, urls, keep) if kept)
-                writers[n].write_table(pa.Table.from_batches([batch.filter(pa.array(keep))]))
-                rows = [{"id": ids[i], "url": urls[i], "kind": kind, "duplicate_of": j,
-                         "duplicate_of_url": url_of.get(j, ""), "similarity": sim}
-                        for i, (j, kind, sim) in sorted(removed.items())]
-                removed_out.write_table(pa.Table.from_pylist(rows, schema=REMOVED_SCHEMA))
-                kinds.update(kind for _, kind, _ in removed.values())
-                n_in += batch.num_rows
-                n_out += int(keep.sum())
-                log.info("dedupe: %d documents read, %d kept (index held %d before)", n_in, n_out, previous)
+        for (n, batch), removed in decide(chunks, cfg, index, parallel, tally):
+            if n not in writers:  # shards arrive in order: close the previous one
+                for w in writers.values():
+                    w.close()
+                writers = {n: pq.ParquetWriter(out / stage.shard_name("documents", n), sources[n].schema_arrow,
+                                               compression="zstd")}
+            ids, urls = batch.column("id").to_pylist(), batch.column("url").to_pylist()
+            keep = np.array([i not in removed for i in range(batch.num_rows)], dtype=bool)
+            url_of.update((k, u) for k, u, kept in zip(ids, urls, keep) if kept)
+            writers[n].write_table(pa.Table.from_batches([batch.filter(pa.array(keep))]))
+            removed_rows += [{"id": ids[i], "url": urls[i], "kind": kind, "duplicate_of": j, "similarity": sim}
+                             for i, (j, kind, sim) in sorted(removed.items())]
+            kinds.update(kind for _, kind, _ in removed.values())
+            n_in += batch.num_rows
+            n_out += int(keep.sum())
+            log.info("dedupe: %d documents read, %d kept (index held %d before)", n_in, n_out, previous)
+        for r in removed_rows:  # "" for a document kept by an earlier run and absent from this one
+            r["duplicate_of_url"] = url_of.get(r["duplicate_of"], "")
+        pq.write_table(pa.Table.from_pylist(removed_rows, schema=REMOVED_SCHEMA), out / "removed.parquet",
+                       compression="zstd")
         ok = True
     finally:
         for w in writers.values():
             w.close()
         index.close(success=ok)
     return {"documents_in": n_in, "documents_out": n_out, "index_before": previous,
-            "removed": {k: kinds[k] for k in ("exact", "near", "seen")}}
+            "removed": {k: kinds[k] for k in ("exact", "near", "seen")},
+            "kept": {k: tally[k] for k in ("new", "changed", "unchanged")}}
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).

@@ -5,6 +5,10 @@
 `redis` puts datasketch's LSH storage and the signatures in Redis, so the index can
 outgrow one process and, with `index_name`, persists across runs: a later crawl is
 deduplicated against everything indexed before it (an incremental refresh).
+
+Each entry also remembers its document's exact digest, so a later run can tell a document
+it kept before with the same text (unchanged) from a changed one, whose old entry is
+removed before the new text is compared with the rest.
 """
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ class DedupeIndex:
             self.redis = None
             self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
             self.sigs: dict[str, np.ndarray] = {}
-            self.digests: dict[bytes, str] = {}
+            self.digests: dict[bytes, str] = {}  # exact digest -> the id kept with it
+            self.digest_of: dict[str, bytes] = {}  # id -> its exact digest
             if self.file is not None and self.file.exists():
                 self._load()
 
@@ -86,6 +91,33 @@ class DedupeIndex:
             return {pickle.loads(k) for k in found}
         return found
 
+    def has(self, key: str) -> bool:
+        """Whether a document with this id is indexed (kept by this or an earlier run)."""
+        if self.redis is not None:
+            return bool(self.redis.hexists(self.prefix + ":sig", key))
+        return key in self.sigs
+
+    def digest_for(self, key: str) -> bytes | None:
+        """The exact digest the indexed document with this id had (None if unknown)."""
+        if self.redis is not None:
+            return self.redis.hget(self.prefix + ":iddigest", key)
+        return self.digest_of.get(key)
+
+    def remove(self, key: str) -> None:
+        """Drop an indexed document (its text changed): signature, digest and LSH bands."""
+        digest = self.digest_for(key)
+        if self.redis is not None:
+            if digest and self.exact(digest) == key:
+                self.redis.hdel(self.prefix + ":digest", digest)
+            self.redis.hdel(self.prefix + ":iddigest", key)
+            self.redis.hdel(self.prefix + ":sig", key)
+        else:
+            if digest and self.digests.get(digest) == key:
+                del self.digests[digest]
+            self.digest_of.pop(key, None)
+            del self.sigs[key]
+        self.lsh.remove(key)
+
     def signature(self, key: str) -> np.ndarray:
         if self.redis is not None:
             return np.frombuffer(self.redis.hget(self.prefix + ":sig", key), dtype=np.uint32)
@@ -96,10 +128,12 @@ class DedupeIndex:
             self.redis.hset(self.prefix + ":sig", key, row.astype(np.uint32).tobytes())
             if digest:
                 self.redis.hset(self.prefix + ":digest", digest, key)
+                self.redis.hset(self.prefix + ":iddigest", key, digest)
         else:
             self.sigs[key] = row
             if digest:
                 self.digests[digest] = key
+                self.digest_of[key] = digest
         stored = pickle.dumps(key) if self.lsh.prepickle else key
         self.lsh.keys.insert(stored, *bands)
         for band, table in zip(bands, self.lsh.hashtables):
@@ -118,7 +152,7 @@ class DedupeIndex:
 
     def _save(self) -> None:
         ids = list(self.sigs)
-        inv = {v: k for k, v in self.digests.items()}
+        inv = self.digest_of
         sigs = np.stack([self.sigs[i] for i in ids]) if ids else np.zeros((0, self.cfg.num_perm), np.uint32)
         table = pa.table({
             "id": ids, "digest": [inv.get(i, b"") for i in ids],

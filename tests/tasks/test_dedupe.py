@@ -123,35 +123,73 @@ def test_block_band_keys_find_what_datasketch_query_finds(storage, request):
         index.close(success=True)
 
 
+def changed(text):
+    """The same page with one sentence rewritten: a near-duplicate of its old version."""
+    return text.replace(SENTENCES[14], "Esta frase foi reescrita quando a página mudou de versão.")
+
+
 def incremental(tmp_path, cfg):
-    """Two crawls: the second repeats one page, changes one slightly and adds a new one."""
+    """Two crawls: the second repeats page a, adds a near copy of a, changes page b slightly
+    and adds a new page c."""
     ids, texts = corpus()
     first = tmp_path / "first.parquet"
     pq.write_table(pa.table({"id": ["a", "b"], "url": ["http://x/a", "http://x/b"], "text": [texts[0], texts[2]]}), first)
     second = tmp_path / "second.parquet"
-    pq.write_table(pa.table({"id": ["a", "near", "c"], "url": ["http://x/a", "http://x/near", "http://x/c"],
-                             "text": [texts[0], texts[1], texts[3]]}), second)
+    pq.write_table(pa.table({"id": ["a", "near", "b", "c"], "url": ["http://x/a", "http://x/near", "http://x/b", "http://x/c"],
+                             "text": [texts[0], texts[1], changed(texts[2]), texts[3]]}), second)
     out1, out2 = tmp_path / "o1", tmp_path / "o2"
     out1.mkdir()
     out2.mkdir()
     d.build(cfg, [first], out1, str(tmp_path))
     stats = d.build(cfg, [second], out2, str(tmp_path))
     kept = read_docs(out2).column("id").to_pylist()
-    removed = {r["id"]: (r["kind"], r["duplicate_of"]) for r in pq.read_table(out2 / "removed.parquet").to_pylist()}
+    removed = {r["id"]: (r["kind"], r["duplicate_of"], r["duplicate_of_url"])
+               for r in pq.read_table(out2 / "removed.parquet").to_pylist()}
     return kept, removed, stats
 
 
-def test_incremental_refresh_adds_only_new_documents_memory(tmp_path):
-    kept, removed, stats = incremental(tmp_path, DedupeConfig(threshold=0.7, index_name="site"))
-    assert kept == ["c"] and removed == {"a": ("seen", "a"), "near": ("near", "a")}
-    assert stats["index_before"] == 2
-
-
-def test_incremental_refresh_adds_only_new_documents_redis(tmp_path, redis_url):
-    cfg = DedupeConfig(threshold=0.7, index="redis", redis_url=redis_url, index_name="site-redis")
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_incremental_refresh_keeps_the_whole_current_corpus(storage, tmp_path, request):
+    extra = {"index": "redis", "redis_url": request.getfixturevalue("redis_url")} if storage == "redis" else {}
+    cfg = DedupeConfig(threshold=0.7, index_name=f"site-{storage}", **extra)
     kept, removed, stats = incremental(tmp_path, cfg)
-    assert kept == ["c"] and removed == {"a": ("seen", "a"), "near": ("near", "a")}
-    assert stats["index_before"] == 2
+    # a (kept before, same text) stays; b changed and is not a duplicate of its own old
+    # version; the near copy of a is removed naming a; c is new.
+    assert kept == ["a", "b", "c"]
+    assert removed == {"near": ("near", "a", "http://x/a")}
+    assert stats["kept"] == {"new": 1, "changed": 1, "unchanged": 1} and stats["index_before"] == 2
+    assert stats["documents_in"] == stats["documents_out"] + sum(stats["removed"].values())
+    # The index now holds b's new text: a third run of the same crawl changes nothing.
+    out3 = tmp_path / "o3"
+    out3.mkdir()
+    third = d.build(cfg, [tmp_path / "second.parquet"], out3, str(tmp_path))
+    assert read_docs(out3).column("id").to_pylist() == kept
+    assert third["kept"] == {"new": 0, "changed": 0, "unchanged": 3} and third["removed"]["near"] == 1
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_incremental_new_only_outputs_new_and_changed_documents(storage, tmp_path, request):
+    extra = {"index": "redis", "redis_url": request.getfixturevalue("redis_url")} if storage == "redis" else {}
+    cfg = DedupeConfig(threshold=0.7, index_name=f"site-new-{storage}", incremental="new_only", **extra)
+    kept, removed, stats = incremental(tmp_path, cfg)
+    assert kept == ["b", "c"]
+    assert removed == {"a": ("seen", "a", ""), "near": ("near", "a", "")}
+    assert stats["kept"] == {"new": 1, "changed": 1, "unchanged": 0}
+
+
+def test_a_new_document_duplicating_one_kept_before_is_removed_naming_it(tmp_path):
+    """Run 2 no longer has a, but a new page with a's text (a moved page) is still removed as its copy."""
+    ids, texts = corpus()
+    cfg = DedupeConfig(threshold=0.7, index_name="moved")
+    runs = [(["a", "b"], [texts[0], texts[2]]), (["a2", "b"], ["  " + texts[0].upper(), texts[2]])]
+    for n, (run_ids, run_texts) in enumerate(runs):
+        src, out = tmp_path / f"in{n}.parquet", tmp_path / f"o{n}"
+        out.mkdir()
+        pq.write_table(pa.table({"id": run_ids, "url": [f"http://x/{i}" for i in run_ids], "text": run_texts}), src)
+        stats = d.build(cfg, [src], out, str(tmp_path))
+    removed = pq.read_table(tmp_path / "o1" / "removed.parquet").to_pylist()
+    assert [(r["id"], r["kind"], r["duplicate_of"]) for r in removed] == [("a2", "exact", "a")]
+    assert read_docs(tmp_path / "o1").column("id").to_pylist() == ["b"] and stats["kept"]["unchanged"] == 1
 
 
 def test_shards_are_deduplicated_against_each_other_and_keep_their_numbers(tmp_path):
