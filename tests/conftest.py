@@ -66,3 +66,13 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """A real service stack for the session (`make up` in a temp work dir on free ports): yields an
+    object with prefect_api_url, mlflow_uri, workdir (and client_env for subprocesses); torn down after."""
+    from tests.fixtures.stack import running_stack
+
+    with running_stack() as running:
+        yield running
