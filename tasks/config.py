@@ -29,9 +29,11 @@ class CrawlConfig(Section):
     seeds: list[str] = Field(default_factory=list, description="start URLs; '{serve}' is replaced by serve_dir's address")
     seed_files: list[str] = Field(default_factory=list, description="files of URLs, one a line ('#' comments)")
     warc: list[str] = Field(default_factory=list, description="WARC files (.warc or .warc.gz): response records")
-    folders: list[str] = Field(default_factory=list, description="local folders of .html/.htm/.txt/.md documents")
+    folders: list[str] = Field(default_factory=list, description="local folders of .html/.htm/.txt/.md documents "
+                               "(like every local source, their content is part of the crawl key)")
     jsonl: list[JsonlSource] = Field(default_factory=list, description="JSONL files, one document a line")
-    serve_dir: str | None = Field(None, description="a local folder to serve on 127.0.0.1 while crawling (demo, tests)")
+    serve_dir: str | None = Field(None, description="a local folder to serve on 127.0.0.1 while crawling (demo, "
+                                  "tests); its pages are named {serve}/path and its content is part of the crawl key")
     path_prefixes: list[str] = Field(default_factory=list, description="in-scope path prefixes; default: each seed's folder")
     follow_links: bool = Field(True, description="false: fetch only the seeds (seed lists of JavaScript sites)")
     max_depth: int = Field(3, ge=0)
