@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Literal
 
 from prefect import flow
@@ -20,6 +21,7 @@ from tasks.tokenization import tokenize
 # Stage progress is logged on "forja.*" loggers; flows.runtime.forward_logs sends them to the
 # run's log in the Prefect UI once they pass this level.
 logging.getLogger("forja").setLevel(logging.INFO)
+log = logging.getLogger("forja.pipeline")
 
 
 def default_workdir() -> str:
@@ -40,6 +42,7 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         if_busy: when another run holds the work directory: `wait` for it, or `fail` at once.
     """
     forward_logs()
+    started = time.time()
     cfg = load_config(config_path, overrides or [])  # a bad config fails here, before any stage
     wd = os.path.abspath(workdir or default_workdir())
     with workdir_lock(wd, if_busy):
@@ -55,6 +58,7 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         lineage = {m.stage: m.key for m in (crawled, deduped, normalized, tokens, trained, evaluated)}
         registered = with_policy(register)(cfg.register, trained, evaluated, lineage, wd,
                                            trained.stats.get("version_tags") or None)
+    summarize([crawled, deduped, normalized, tokens, trained, evaluated, registered], started)
     return {
         "workdir": wd,
         "stages": {m.stage: m.folder for m in (crawled, deduped, normalized, tokens, trained, evaluated, registered)},
@@ -66,3 +70,23 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         "promoted": registered.stats["promoted"],
         "mlflow_run_id": trained.stats["mlflow_run_id"],
     }
+
+
+def summarize(manifests: list, started: float) -> list[str]:
+    """Say which stages this run rebuilt and which it reused (made before it started: a Prefect
+    cache hit or a finished stage folder), in the log and as a table on the flow run."""
+    rebuilt = [m.stage for m in manifests if m.created_at >= started]
+    if not rebuilt:
+        log.info("pipeline: all %d stages were cache hits: nothing changed since the last run", len(manifests))
+    else:
+        reused = [m.stage for m in manifests if m.created_at < started]
+        log.info("pipeline: rebuilt %s; reused %s", ", ".join(rebuilt), ", ".join(reused) or "nothing")
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(key="pipeline-stages", description="Stages rebuilt or reused by this run",
+                              table=[{"stage": m.stage, "key": m.key, "rebuilt": m.stage in rebuilt,
+                                      "folder": m.folder} for m in manifests])
+    except Exception as e:  # a view, never a failure
+        log.warning("could not publish the stage table: %s", e)
+    return rebuilt
