@@ -76,3 +76,17 @@ def stack():
 
     with running_stack() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def service_runs(stack, tmp_path_factory):
+    """prefect.yaml's demo-weekly run three times by the stack's worker (fresh, unchanged while the
+    work directory is held, one page changed), each completion triggering demo-finetune: see
+    tests/fixtures/service.py. Leaves two versions of forja-test and their training runs in the
+    stack's MLflow."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.fixtures.service import run_weekly
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+        return run_weekly(tmp_path_factory.mktemp("service"))

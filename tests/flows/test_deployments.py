@@ -4,19 +4,16 @@ directory makes a run wait, a bad config fails before any stage, a down tracking
 register retry and then fail naming it."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from tests.flows.test_pipeline import finetune_config, task_states, write_config
-from tests.fixtures.site import make_site
+from tests.fixtures.service import client, logs, start, wait_run
+from tests.flows.test_pipeline import task_states
 
 pytestmark = pytest.mark.slow
 STAGES = ["crawl", "dedupe", "normalize", "tokenize", "pretrain", "evaluate", "register"]
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @pytest.fixture(scope="module")
@@ -30,96 +27,9 @@ def api(stack):
         yield stack
 
 
-def client():
-    from prefect.client.orchestration import get_client
-
-    return get_client(sync_client=True)
-
-
-def deployment_id(name: str):
-    with client() as c:
-        return c.read_deployment_by_name(name).id
-
-
-def wait_run(flow_run_id, timeout: float = 900):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with client() as c:
-            fr = c.read_flow_run(flow_run_id)
-        if fr.state.type.value in TERMINAL:
-            return fr
-        time.sleep(2)
-    raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout} s (state {fr.state.name})")
-
-
-def runs_of(deployment: str) -> list:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    with client() as c:
-        runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id(deployment)])))
-    return sorted(runs, key=lambda r: r.created)
-
-
-def wait_triggered(deployment: str, after: int, timeout: float = 600):
-    """The run a trigger created once `after` runs of the deployment existed, finished."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        runs = runs_of(deployment)
-        if len(runs) > after:
-            return wait_run(runs[after].id, max(1, deadline - time.time()))
-        time.sleep(2)
-    raise TimeoutError(f"no run of {deployment} was triggered in {timeout} s")
-
-
-def logs(flow_run_id) -> list:
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with client() as c:
-        return c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-
-
-def start(name: str, parameters: dict):
-    from prefect.deployments import run_deployment
-
-    return run_deployment(name, parameters=parameters, timeout=0)
-
-
 @pytest.fixture(scope="module")
-def weekly(api, tmp_path_factory):
-    """demo-weekly run by the worker three times on a served site: fresh; unchanged (while a
-    process holds the work directory, so it waits first); after one page changed. Each
-    completion triggers demo-finetune."""
-    from flows.runtime import workdir_lock
-
-    tmp = tmp_path_factory.mktemp("deployments")
-    site = make_site(tmp / "site")
-    config = write_config(tmp, site)
-    finetune_config(SimpleNamespace(config=config), tmp)  # adds the finetune section to a copy ...
-    config.write_text((tmp / "finetune.yaml").read_text())  # ... which becomes the config itself
-    workdir = tmp / "work"
-    params = {"config_path": str(config), "workdir": str(workdir)}
-
-    first = wait_run(start("forja-pipeline/demo-weekly", params).id)
-    finetuned = [wait_triggered("forja-finetune/demo-finetune", 0)]
-
-    with workdir_lock(workdir):  # a run that finds the work directory busy waits for it
-        second = start("forja-pipeline/demo-weekly", params)
-        deadline = time.time() + 180
-        while not any("waiting for the work directory" in log.message for log in logs(second.id)):
-            assert time.time() < deadline, "the second run never said it was waiting"
-            time.sleep(2)
-        with client() as c:
-            waiting_state = c.read_flow_run(second.id).state.name
-    second = wait_run(second.id)
-    finetuned.append(wait_triggered("forja-finetune/demo-finetune", 1))
-
-    page = site / "docs" / "p2.html"
-    page.write_bytes(page.read_bytes().replace(b"</body>", b"<p>Uma frase nova sobre o comando rsync, que "
-                                               b"sincroniza pastas entre computadores.</p></body>"))
-    third = wait_run(start("forja-pipeline/demo-weekly", params).id)
-    finetuned.append(wait_triggered("forja-finetune/demo-finetune", 2))
-    return SimpleNamespace(runs=[first, second, third], finetuned=finetuned, waiting_state=waiting_state,
-                           workdir=workdir, config=config)
+def weekly(api, service_runs):
+    return service_runs
 
 
 def test_the_weekly_deployment_refreshes_then_is_all_cache_hits_then_reruns_a_changed_page(weekly, api):
