@@ -4,7 +4,6 @@ directory makes a run wait, a bad config fails before any stage, a down tracking
 register retry and then fail naming it."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
