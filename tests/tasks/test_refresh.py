@@ -106,6 +106,12 @@ def test_due_refresh_revalidates_with_conditional_requests_and_keeps_the_key(web
     n = len(web.log)
     again = c.crawl_stage(cfg, wd, now=t0 + 1800)
     assert again.manifest.key == first.manifest.key and len(web.log) == n and again.counts == {}
+    # ... even when its folder is gone: the pages checked in this period come from the store.
+    import shutil
+
+    shutil.rmtree(first.manifest.folder)
+    rebuilt = c.crawl_stage(cfg, wd, now=t0 + 1800)
+    assert rebuilt.manifest.key == first.manifest.key and not web.requests(n) and rebuilt.counts["reused"] == 4
 
     # Due: every page is revalidated with the validators it sent, and answers 304.
     n = len(web.log)
@@ -117,7 +123,7 @@ def test_due_refresh_revalidates_with_conditional_requests_and_keeps_the_key(web
     assert sent["/site/p3.html"]["inm"] is None and sent["/site/p3.html"]["ims"]
     assert due.counts["not_modified"] == 4 and not due.counts.get("changed") and not due.counts.get("new")
     assert due.manifest.key == first.manifest.key  # same documents, same key: later stages are cache hits
-    assert due.manifest == first.manifest
+    assert due.manifest == rebuilt.manifest  # the very folder: its manifest is returned as it is
 
     # One page changes: it alone is fetched again (200), its new text makes a new key.
     web.set("/site/p2.html", text_page(2, version=2))
