@@ -8,7 +8,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import requests
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
@@ -71,16 +73,38 @@ def rescorer(evaluated: stage.Manifest, metric: str, workdir: str):
     return rescore
 
 
-def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
-          workdir: str, out: Path, extra_tags: dict[str, str] | None = None) -> dict:
-    metrics = {k: float(v) for k, v in evaluated.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if cfg.gate_metric not in metrics:
-        raise ValueError(f"register.gate_metric {cfg.gate_metric!r} is not an evaluate metric; "
-                         f"choose one of {sorted(metrics)}")
-    tracking.setup(workdir, cfg.experiment)
-    client = mlflow.MlflowClient()
-    run_id = trained.stats["mlflow_run_id"]
-    weights_sha256 = file_sha256(trained.path(WEIGHTS))
+class TrackingUnavailable(ConnectionError):
+    """The tracking server did not answer; retrying later is the cure (the flow's retries)."""
+
+
+def tracking_answers(uri: str) -> bool:
+    """Whether an http(s) tracking server answers its health check; other stores are assumed up."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+def logged_model_uri(run_id: str, weights_sha256: str) -> str | None:
+    """The model logged for these weights in the training run: one a failed attempt logged
+    before it could register it, or a new one."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    earlier = [m for m in mlflow.search_logged_models(
+        experiment_ids=[experiment], output_format="list",
+        filter_string=f"source_run_id = '{run_id}' AND tags.weights_sha256 = '{weights_sha256}'")
+        if m.status == LoggedModelStatus.READY]  # (the status filter does not match on SQLite stores)
+    if earlier:
+        log.info("register: reusing logged model %s from an earlier attempt", earlier[0].model_id)
+        return earlier[0].model_uri
+    return None
+
+
+def log_model(trained: stage.Manifest, run_id: str, weights_sha256: str) -> str:
+    """Log the servable model (pyfunc) into the training run; its URI."""
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=model.serving.__file__, artifacts=model_artifacts(trained),
@@ -88,22 +112,68 @@ def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifes
             input_example=(pd.DataFrame({"prompt": ["O Linux é"]}), {"max_new_tokens": 16, "temperature": 0.0}),
             pip_requirements=requirements(), model_config={"weights_sha256": weights_sha256},
         )
-    mv = mlflow.register_model(info.model_uri, cfg.model_name)
+    mlflow.set_logged_model_tags(info.model_id, {"weights_sha256": weights_sha256})  # found again by a retry
+    return info.model_uri
+
+
+def register_version(cfg: RegisterConfig, trained: stage.Manifest, run_id: str, weights_sha256: str,
+                     tags: dict[str, str]):
+    """The version of cfg.model_name holding these weights: an existing one (a retry after a
+    crash, or a concurrent run with the same weights), or a new one. Call under the registry
+    lock, so the check and the registration are one step for every machine."""
+    client = mlflow.MlflowClient()
+    mv = registry.find_by_weights(client, cfg.model_name, weights_sha256)
+    if mv is not None:
+        log.info("register: %s version %s already holds these weights (sha256 %s); reusing it", cfg.model_name,
+                 mv.version, weights_sha256[:12])
+        for k, v in tags.items():
+            if k not in mv.tags:  # keep the lineage of the first registration
+                client.set_model_version_tag(cfg.model_name, mv.version, k, v)
+        return mv, True
+    uri = logged_model_uri(run_id, weights_sha256) or log_model(trained, run_id, weights_sha256)
+    # tags go in with the version, so no crash can leave a version without its weights_sha256
+    return mlflow.register_model(uri, cfg.model_name, tags=tags), False
+
+
+def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
+          workdir: str, out: Path, extra_tags: dict[str, str] | None = None) -> dict:
+    metrics = {k: float(v) for k, v in evaluated.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if cfg.gate_metric not in metrics:
+        raise ValueError(f"register.gate_metric {cfg.gate_metric!r} is not an evaluate metric; "
+                         f"choose one of {sorted(metrics)}")
+    uri = tracking.tracking_uri(workdir)
+    try:
+        return _build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, metrics)
+    except (MlflowException, requests.RequestException) as e:
+        if tracking_answers(uri):
+            raise
+        raise TrackingUnavailable(
+            f"the MLflow tracking server at {uri} does not answer ({type(e).__name__}); nothing is lost: the "
+            f"trained model stays in its stage folder {trained.folder}. Start the server (or fix "
+            "MLFLOW_TRACKING_URI) and run again: a retry reuses whatever this attempt registered") from e
+
+
+def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
+           workdir: str, out: Path, extra_tags: dict[str, str] | None, metrics: dict[str, float]) -> dict:
+    tracking.setup(workdir, cfg.experiment)
+    client = mlflow.MlflowClient()
+    run_id = trained.stats["mlflow_run_id"]
+    weights_sha256 = file_sha256(trained.path(WEIGHTS))
     tags = {**{f"forja.stage.{s}": k for s, k in lineage.items()}, "prefect.flow_run_id": tracking.prefect_flow_run_id(),
             "mlflow.run_id": run_id, "weights_sha256": weights_sha256, **(extra_tags or {})}
-    for k, v in tags.items():
-        client.set_model_version_tag(cfg.model_name, mv.version, k, str(v))
-    registry.record_metrics(client, client.get_model_version(cfg.model_name, mv.version), metrics,
-                            evaluated.stats.get("suite_sha256", {}))
-    client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, mv.version)
-    with registry.registry_lock(workdir):
+    tags = {k: str(v) for k, v in tags.items()}
+    with registry.registry_lock(workdir, cfg.model_name):
+        mv, reused = register_version(cfg, trained, run_id, weights_sha256, tags)
+        registry.record_metrics(client, client.get_model_version(cfg.model_name, mv.version), metrics,
+                                evaluated.stats.get("suite_sha256", {}))
+        client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, mv.version)
         decision = registry.gate(client, cfg.model_name, mv.version, cfg.gate_metric, cfg.gate_direction,
                                  cfg.gate_margin, rescorer(evaluated, cfg.gate_metric, workdir))
     log.info("register: %s version %s (%s=%.4f); champion %s", cfg.model_name, mv.version, cfg.gate_metric,
              metrics[cfg.gate_metric], f"moved from {decision['previous_champion']}" if decision["promoted"]
              else f"stays on {decision['previous_champion']} ({decision['champion_value']:.4f})")
     stats = {"model_name": cfg.model_name, "version": int(mv.version), "model_uri": f"models:/{cfg.model_name}@candidate",
-             "mlflow_run_id": run_id, "weights_sha256": weights_sha256, **decision}
+             "mlflow_run_id": run_id, "weights_sha256": weights_sha256, "reused_version": reused, **decision}
     (out / "registration.json").write_text(json.dumps(stats, indent=2))
     return stats
 

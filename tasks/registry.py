@@ -2,44 +2,42 @@
 
 Every new version gets the alias `candidate`. `champion` moves to a version only when it
 beats the current champion on the gate metric of the same suite (same file sha256) by
-more than the margin, or when a person promotes it (`forja promote`). Each move of
-`champion` records the version it left in the registered model's tag
-`forja.previous_champion`, which `forja rollback` moves it back to.
+more than the margin, or when a person promotes it (`forja promote`, or the MLflow UI).
 
-Gate decisions hold a lock, so two registrations at once cannot both read the old
-champion and both move the alias: one decides first, the other compares against it.
-The lock is a file beside the tracking store (one machine); with a remote tracking
-server, run registrations from one place (a Prefect work pool with one slot) instead.
+Every move of `champion` is kept in the registered model's tag `forja.champion_history`
+(a JSON list of {version, by, at}), whoever made it: each forja registry operation first
+reconciles, recording a champion moved in the MLflow UI (or API) as moved by hand, so the
+gate compares against the champion a person picked and `forja rollback` walks back through
+the versions that really were champion. `forja.previous_champion` still names the version
+the last move left, for tools that read it.
+
+Writes to a registered model hold its registry lock (tasks/registry_lock.py: a Prefect
+global concurrency limit shared by every machine, or a file lock on one machine), so two
+registrations at once cannot both read the old champion and both move the alias, nor
+register the same weights twice.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from tasks.registry_lock import RegistryLockError, RegistryLockTimeout, registry_lock  # noqa: F401
+
 log = logging.getLogger("forja.registry")
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "forja.previous_champion"
+HISTORY = "forja.champion_history"
+BY_HAND = "hand (MLflow UI or API)"
+HISTORY_MAX_CHARS = 4800  # a registered model tag holds 5000 characters on PostgreSQL
 
 
 class ModelNotFound(LookupError):
     pass
-
-
-@contextlib.contextmanager
-def registry_lock(workdir: str | Path):
-    path = Path(workdir) / "registry.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def beats(new: float, old: float | None, direction: str, margin: float = 0.0) -> bool:
@@ -67,17 +65,77 @@ def alias_version(client: mlflow.MlflowClient, name: str, alias: str):
         return None
 
 
-def move_champion(client: mlflow.MlflowClient, name: str, version: str, reason: str) -> str | None:
-    """Point champion at version, remembering the version it leaves; returns that one."""
-    old = alias_version(client, name, CHAMPION)
-    if old is not None and str(old.version) == str(version):
-        return str(old.version)
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _champion(client: mlflow.MlflowClient, name: str) -> str | None:
+    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    return str(version) if version is not None else None
+
+
+def _parse_history(tags: dict) -> list[dict]:
+    if HISTORY in tags:
+        return json.loads(tags[HISTORY])
+    if tags.get(PREVIOUS):  # a model from before the history existed
+        return [{"version": tags[PREVIOUS], "by": f"forja (from the {PREVIOUS} tag)", "at": None}]
+    return []
+
+
+def champion_history(client: mlflow.MlflowClient, name: str) -> list[dict]:
+    """The recorded moves of champion, oldest first, as stored (see reconcile)."""
+    return _parse_history(client.get_registered_model(name).tags)
+
+
+def _write_history(client: mlflow.MlflowClient, name: str, history: list[dict]) -> None:
+    """Store the history, dropping its oldest entries when it outgrows one tag (rollback
+    positions shift with them)."""
+    while len(history) > 1 and len(json.dumps(history)) > HISTORY_MAX_CHARS:
+        history.pop(0)
+        for entry in history:
+            if "back_to" in entry:
+                entry["back_to"] -= 1
+    client.set_registered_model_tag(name, HISTORY, json.dumps(history))
+
+
+def reconcile(client: mlflow.MlflowClient, name: str, write: bool = True) -> list[dict]:
+    """The champion history with the current champion as its last entry: a champion moved
+    outside forja (the MLflow UI, the API) is appended as moved by hand; stored when write."""
+    model = client.get_registered_model(name)
+    history = _parse_history(model.tags)
+    current = model.aliases.get(CHAMPION)
+    current = str(current) if current is not None else None
+    if current == (history[-1]["version"] if history else None):
+        return history
+    by = BY_HAND
+    if HISTORY not in model.tags and current is not None:  # forja before the history may have moved it
+        earlier = client.get_model_version(name, current).tags.get("forja.promoted_by")
+        by = f"{earlier} (before forja kept a champion history)" if earlier else by
+    history.append({"version": current, "by": by, "at": _now()})
+    log.info("%s: champion is %s, moved by %s since forja last recorded it", name, current, by)
+    if write:
+        _write_history(client, name, history)
+    return history
+
+
+def move_champion(client: mlflow.MlflowClient, name: str, version: str, reason: str,
+                  back_to: int | None = None) -> str | None:
+    """Point champion at version and record the move (after recording any hand move before
+    it); returns the version it left."""
+    history = reconcile(client, name)
+    old = _champion(client, name)
+    if old == str(version):
+        return old
     client.set_registered_model_alias(name, CHAMPION, str(version))
+    entry = {"version": str(version), "by": reason, "at": _now()}
+    if back_to is not None:
+        entry["back_to"] = back_to
+    _write_history(client, name, history + [entry])
     if old is not None:
-        client.set_registered_model_tag(name, PREVIOUS, str(old.version))
+        client.set_registered_model_tag(name, PREVIOUS, old)
     client.set_model_version_tag(name, str(version), "forja.promoted_by", reason)
-    log.info("%s: champion %s -> %s (%s)", name, old.version if old else None, version, reason)
-    return str(old.version) if old else None
+    log.info("%s: champion %s -> %s (%s)", name, old, version, reason)
+    return old
 
 
 def resolve(client: mlflow.MlflowClient, uri: str):
@@ -145,6 +203,7 @@ def gate(client: mlflow.MlflowClient, name: str, version: str, metric: str, dire
     rescore(champion_version) -> value is called when the champion's value was measured on
     another suite file (or not at all); the result is recorded on the champion.
     """
+    reconcile(client, name)  # a champion picked by hand is the one to beat, and is recorded
     cand = client.get_model_version(name, version)
     value, digest = version_metric(cand, metric)
     if value is None:
@@ -174,15 +233,43 @@ def promote(client: mlflow.MlflowClient, name: str, version: str) -> str | None:
     return move_champion(client, name, version, "forja promote")
 
 
+def _exists(client: mlflow.MlflowClient, name: str, version: str) -> bool:
+    try:
+        client.get_model_version(name, version)
+        return True
+    except MlflowException:
+        return False
+
+
 def rollback(client: mlflow.MlflowClient, name: str) -> tuple[str | None, str]:
-    previous = client.get_registered_model(name).tags.get(PREVIOUS)
-    if not previous:
-        raise ModelNotFound(f"{name} has no earlier champion to roll back to")
-    return move_champion(client, name, previous, "forja rollback"), previous
+    """Move champion to the version that was champion before the current one, whoever moved
+    it there; a second rollback walks back one more. Returns (left, now champion)."""
+    history = reconcile(client, name)
+    current = _champion(client, name)
+    position = len(history) - 1
+    if history and "back_to" in history[-1]:  # the current champion came from a rollback
+        position = history[-1]["back_to"]
+    for i in range(min(position, len(history)) - 1, -1, -1):
+        target = history[i]["version"]
+        if target is not None and target != current and _exists(client, name, target):
+            return move_champion(client, name, target, "forja rollback", back_to=i), target
+    raise ModelNotFound(f"{name} has no earlier champion to roll back to (champion history: "
+                        f"{[e['version'] for e in history] or 'empty'}); move it with forja promote {name} VERSION")
 
 
-def describe(client: mlflow.MlflowClient, name: str) -> list[dict]:
-    """The versions of a registered model with their aliases and metric tags."""
+def find_by_weights(client: mlflow.MlflowClient, name: str, weights_sha256: str):
+    """The oldest version of name registered with these weights (tag weights_sha256), or None."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha256}'")
+    except MlflowException:  # the registered model does not exist yet
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def describe(client: mlflow.MlflowClient, name: str, write: bool = True) -> list[dict]:
+    """The versions of a registered model with their aliases and metric tags (the champion
+    history reconciled first, stored when write)."""
+    reconcile(client, name, write)
     aliases = client.get_registered_model(name).aliases  # {alias: version}
     rows = []
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
