@@ -139,6 +139,9 @@ class TokenizeConfig(Section):
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     shard_rows: int = Field(8192, ge=1)
     seed: int = 0
+    tokenizer_from: str | None = Field(
+        None, pattern=r"^models:/", description="models:/NAME@ALIAS or /VERSION: encode with that registered "
+        "version's tokenizer instead of training one (set by pretrain.init_from; vocab_size is then the version's)")
 
 
 class PretrainConfig(Section):
@@ -171,6 +174,9 @@ class PretrainConfig(Section):
     sample_every: int = Field(0, ge=0, description="generations from sample_prompts every N steps; 0 = never")
     sample_prompts: list[str] = Field(default_factory=lambda: ["O Linux é"])
     grad_norms_every: int = Field(0, ge=0, description="per-layer gradient norms every N steps; 0 = never")
+    init_from: str | None = Field(
+        None, pattern=r"^models:/", description="models:/NAME@champion (or /VERSION): continue from that registered "
+        "version's weights instead of from scratch (same shape; the tokenize stage then uses its tokenizer)")
 
     @model_validator(mode="after")
     def _check(self):

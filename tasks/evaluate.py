@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -83,13 +84,28 @@ def publish_table(key: str, rows: list[dict], description: str) -> None:
         log.debug("no Prefect table for %s: %s", key, e)
 
 
-def log_to_run(workdir: str, run_id: str | None, metrics: dict, files: list[Path], prefix: str = "") -> None:
-    """Evaluation metrics (held-out ones as eval_*, suite ones as suite.metric) and files on an MLflow run."""
+def log_to_run(workdir: str, run_id: str | None, metrics: dict, files: list[Path], prefix: str = "",
+               step: int = 0) -> None:
+    """Evaluation results and files on an MLflow run.
+
+    Scores people compare across runs are metrics, logged at the run's last training step so
+    that they sit at the end of its curves: held-out loss, perplexity and bits per byte as
+    eval_*, suite scores as suite.metric. Counts (the held-out tokens, a suite's items) say
+    what was measured, not how well: they are tags (eval.val_tokens, eval.SUITE.items), which a
+    re-evaluation may overwrite, unlike params.
+    """
     if not run_id:
         return
+    from mlflow.entities import Metric, RunTag
+
     client = tracking.client(workdir)
-    for k, v in metrics.items():
-        client.log_metric(run_id, prefix + (k if "." in k else f"eval_{k}"), v)
+    ts = int(time.time() * 1000)
+    counts = {k for k in metrics if k == "val_tokens" or k.endswith(".items")}
+    client.log_batch(
+        run_id,
+        metrics=[Metric(prefix + (k if "." in k else f"eval_{k}"), float(v), ts, step)
+                 for k, v in metrics.items() if k not in counts],
+        tags=[RunTag(f"{prefix}eval.{k}", str(metrics[k])) for k in sorted(counts)])
     for f in files:
         client.log_artifact(run_id, str(f))
 
@@ -116,7 +132,8 @@ def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, 
             for r in rows:
                 f.write(json.dumps({"suite": suite, **r}, ensure_ascii=False) + "\n")
     publish_table("evaluate-metrics", metrics_table(metrics), f"Evaluation of {trained.folder}")
-    log_to_run(workdir, trained.stats.get("mlflow_run_id"), metrics, [out / "samples.md", out / "generations.jsonl"])
+    log_to_run(workdir, trained.stats.get("mlflow_run_id"), metrics, [out / "samples.md", out / "generations.jsonl"],
+               step=trained.stats.get("steps", 0))
     log.info("evaluate: val perplexity %.2f, %.3f bits/byte; %s", metrics["val_perplexity"],
              metrics["val_bits_per_byte"], ", ".join(f"{k} {v:.3f}" for k, v in suite_metrics.items()
                                                      if not k.endswith(".items")))

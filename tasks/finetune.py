@@ -129,15 +129,16 @@ def build_training(cfg: FinetuneConfig, data: stage.Manifest, workdir: str, expe
     exp_id = tracking.setup(workdir, experiment)
     run_file = ckpt / "mlflow_run_id"
     run_id = run_file.read_text().strip() if run_file.exists() else None
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=f"finetune-{key[:8]}",
+    name = tracking.run_name(f"finetune-{key[:8]}", cfg.model_name)
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=None if run_id else name,
                           log_system_metrics=True) as run:
         run_file.write_text(run.info.run_id)
         if not run_id:
             mlflow.log_params({f"finetune.{k}": v for k, v in t.model_dump().items() if k not in ("preset",)})
             mlflow.log_params({"finetune.lora_rank": cfg.lora.rank, "finetune.base_model": data.stats["base_model"]})
+            tracking.log_token_inputs(data)  # the rendered conversations, train and validation
             mlflow.set_tags({"forja.stage.sft-data": data.key, "forja.stage.finetune": key,
-                             "forja.parent": data.stats["base_model"],
-                             "prefect.flow_run_id": tracking.prefect_flow_run_id()})
+                             "forja.parent": data.stats["base_model"], **tracking.prefect_tags()})
         pretrain_task.run_training(pretrain_task.launch_command(t, out / "spec.json"),
                                    pretrain_task.child_env(run.info.run_id, t), t.max_steps, "finetune")
         pretrain_task.loss_curve(out / "metrics.jsonl", out / "loss_curve.png", "forja fine-tuning")
@@ -194,8 +195,9 @@ def build_comparison(cfg: FinetuneConfig, data: stage.Manifest, trained: stage.M
                     f.write(json.dumps({"model": who, "suite": suite, **r}, ensure_ascii=False) + "\n")
     publish_table("finetune-comparison", table, f"{data.stats['base_model']} before and after fine-tuning")
     run_id = trained.stats.get("mlflow_run_id")
-    log_to_run(workdir, run_id, after, [out / "comparison.json", out / "generations.jsonl"])
-    log_to_run(workdir, run_id, results["base"], [], prefix="base.")
+    steps = trained.stats.get("steps", 0)
+    log_to_run(workdir, run_id, after, [out / "comparison.json", out / "generations.jsonl"], step=steps)
+    log_to_run(workdir, run_id, results["base"], [], prefix="base.", step=steps)
     for row in table:
         log.info("finetune: %-28s base %10.4f  fine-tuned %10.4f", row["metric"], row["base"], row["finetuned"])
     return {**after, "suite_sha256": suite_digests(list(cfg.suites)), "comparison": table}

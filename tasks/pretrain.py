@@ -4,6 +4,15 @@ The task writes a training spec and runs `python -m model.train` in a child proc
 streaming its progress into the Prefect log. Checkpoints live outside the stage folder
 (<workdir>/checkpoints/pretrain/<key>), so a crashed or killed run resumes where it
 stopped when the flow is run again.
+
+From scratch by default; with pretrain.init_from (models:/NAME@champion) training starts from
+that registered version's weights: the flow resolves it once (init_base), the tokenize stage
+encodes with its tokenizer, the shape is checked before training, and the run and the version
+it registers carry forja.init_from = NAME/VERSION.
+
+The MLflow run is named after the Prefect flow run and the model, links back to the flow run,
+lists the token rows as its dataset inputs, and keeps the data stages' counts as params and a
+table (data_counts.json), leaving its metrics page to the training curves.
 """
 from __future__ import annotations
 
@@ -22,8 +31,10 @@ from prefect import task
 import model.config
 import model.kernels
 import model.train
-from tasks import stage, tracking
-from tasks.config import PretrainConfig
+from model.checkpoint import file_sha256
+from model.generate import CONFIG, TOKENIZER, WEIGHTS
+from tasks import registry, stage, tracking
+from tasks.config import PretrainConfig, TokenizeConfig
 from tasks.reports import flat_counts, publish_counts
 
 log = logging.getLogger("forja.pretrain")
@@ -35,7 +46,8 @@ def model_config(cfg: PretrainConfig, tokens: stage.Manifest) -> model.config.Mo
     return model.config.from_preset(cfg.preset, tokens.stats["vocab_size"], tokens.stats["seq_len"], **overrides)
 
 
-LAUNCHER_ONLY = ("num_gpus", "hostfile", "run_name")  # settings of the launch, not of the training loop
+# Settings of the launch or of the stage, not of the training loop (init_from: a URI, resolved by the stage).
+LAUNCHER_ONLY = ("num_gpus", "hostfile", "run_name", "init_from")
 
 
 def train_spec(cfg: PretrainConfig, tokens: stage.Manifest, out: Path, ckpt: Path) -> model.train.TrainSpec:
@@ -187,30 +199,106 @@ def loss_curve(metrics_file: Path, png: Path, title: str = "forja pretraining") 
     plt.close(fig)
 
 
+def base_version(uri: str | None, workdir: str) -> dict | None:
+    """The registered version behind models:/NAME@ALIAS (or /VERSION): its URI, NAME/VERSION and
+    weights sha256, or None without a URI. Resolved in the flow and passed to tokenize and pretrain,
+    so that their cache keys follow the version an alias points at now."""
+    if not uri:
+        return None
+    version = registry.resolve(tracking.client(workdir), uri)
+    sha = version.tags.get("weights_sha256")
+    if not sha:
+        raise ValueError(f"{uri} ({version.name}/{version.version}) has no weights_sha256 tag: it was not "
+                         "registered by forja; start from a version forja registered")
+    return {"uri": uri, "version": f"{version.name}/{version.version}", "weights_sha256": sha}
+
+
+def init_base(cfg: PretrainConfig, tokenize_cfg: TokenizeConfig, workdir: str) -> dict | None:
+    """The version whose tokenizer the tokenize stage encodes with (pretrain.init_from, else
+    tokenize.tokenizer_from), or None: a new tokenizer is trained."""
+    if cfg.init_from and tokenize_cfg.tokenizer_from and cfg.init_from != tokenize_cfg.tokenizer_from:
+        raise ValueError(f"pretrain.init_from ({cfg.init_from}) and tokenize.tokenizer_from "
+                         f"({tokenize_cfg.tokenizer_from}) differ: weights only make sense with their own "
+                         "tokenizer; remove tokenize.tokenizer_from")
+    return base_version(cfg.init_from or tokenize_cfg.tokenizer_from, workdir)
+
+
+def fetch_base(base: dict, workdir: str, dst: Path) -> Path:
+    """The base version's model folder under dst: downloaded once (a resumed run finds it), its
+    weights' sha256 checked every time."""
+    from model.serving import check_weights
+
+    folder = dst / "model"
+    if not (folder / WEIGHTS).is_file():
+        import tempfile
+
+        dst.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dst) as tmp:
+            os.replace(tracking.download_base(base, workdir, Path(tmp)), folder)
+    check_weights(str(folder / WEIGHTS), base["weights_sha256"])
+    return folder
+
+
+# Where a mismatched field of the model's shape is set.
+SHAPE_SOURCE = {"vocab_size": "the tokenizer", "block_size": "tokenize.seq_len", "n_layer": "pretrain.n_layer",
+                "n_head": "pretrain.n_head", "n_kv_head": "pretrain.n_kv_head", "n_embd": "pretrain.n_embd"}
+
+
+def check_init(base: dict, folder: Path, spec: model.train.TrainSpec) -> None:
+    """Fail before training unless the base version has this run's shape and tokenizer."""
+    have = asdict(model.config.ModelConfig.load(folder / CONFIG))
+    diffs = [f"{k} {have[k]} there, {v} here (from {SHAPE_SOURCE.get(k, 'pretrain.preset')})"
+             for k, v in spec.model.items() if k != "dropout" and have.get(k) != v]
+    if diffs:
+        raise ValueError(f"pretrain.init_from {base['uri']} ({base['version']}) has another shape: "
+                         + "; ".join(diffs) + ". Set the preset and sizes to the base's, or remove pretrain.init_from")
+    mine, theirs = file_sha256(spec.tokenizer), file_sha256(folder / TOKENIZER)
+    if mine != theirs:
+        raise ValueError(f"pretrain.init_from {base['uri']} ({base['version']}): the tokenize stage's tokenizer "
+                         f"({spec.tokenizer}) is not the base's; tokenize with it (tokenize.tokenizer_from "
+                         "unset or the same URI)")
+
+
+def log_data_counts(upstream: list[stage.Manifest]) -> None:
+    """The data stages' counts (documents in and out, drops by reason, tokens ...) as params,
+    comparable across runs, and as one table artifact (data_counts.json); not as metrics,
+    where each would be a one-point chart crowding the training curves."""
+    counts = [(m.stage, k, v) for m in upstream for k, v in flat_counts(m.stats).items()]
+    mlflow.log_params({f"data.{s}.{k}": v for s, k, v in counts})
+    mlflow.log_table({"stage": [s for s, _, _ in counts], "count": [k for _, k, _ in counts],
+                      "value": [float(v) for _, _, v in counts]}, artifact_file="data_counts.json")
+
+
 def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str, out: Path, key: str,
-          upstream: list[stage.Manifest] = ()) -> dict:
+          upstream: list[stage.Manifest] = (), model_name: str | None = None, base: dict | None = None) -> dict:
     check_tokens(cfg, tokens)
     ckpt = Path(workdir).resolve() / "checkpoints" / "pretrain" / (cfg.run_name or key)
     ckpt.mkdir(parents=True, exist_ok=True)
     spec = train_spec(cfg, tokens, out, ckpt)
+    lineage = {}
+    if cfg.init_from:
+        folder = fetch_base(base, workdir, ckpt / "init")
+        check_init(base, folder, spec)
+        spec.init_from = str(folder)
+        lineage = {"forja.init_from": base["version"], "forja.init_from_uri": base["uri"],
+                   "forja.init_from_sha256": base["weights_sha256"]}
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
     exp_id = tracking.setup(workdir, experiment)
     if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
         mlflow.set_system_metrics_sampling_interval(5)  # CPU, memory (and GPU) every 5 s, not 10
     run_file = ckpt / "mlflow_run_id"  # a resumed training continues the same MLflow run
     run_id = run_file.read_text().strip() if run_file.exists() else None
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=f"pretrain-{key[:8]}",
+    name = tracking.run_name(f"pretrain-{key[:8]}", model_name or cfg.preset)
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=None if run_id else name,
                           log_system_metrics=True) as run:
         run_file.write_text(run.info.run_id)
         if not run_id:
             mlflow.log_params({f"pretrain.{k}": v for k, v in cfg.model_dump().items()})
             mlflow.log_params({f"model.{k}": v for k, v in spec.model.items()})
-            # The data stages' counts (documents in/out, drops by reason ...) beside the training metrics.
-            mlflow.log_metrics({f"data.{m.stage}.{k}": float(v) for m in [*upstream, tokens]
-                                for k, v in flat_counts(m.stats).items()})
-            mlflow.set_tags({"forja.stage.pretrain": key, "forja.stage.tokenize": tokens.key,
-                             "prefect.flow_run_id": tracking.prefect_flow_run_id(), **{
-                                 f"forja.stage.{s}": k for s, k in tokens.inputs.items()}})
+            log_data_counts([*upstream, tokens])
+            tracking.log_token_inputs(tokens)
+            mlflow.set_tags({"forja.stage.pretrain": key, "forja.stage.tokenize": tokens.key, **lineage,
+                             **tracking.prefect_tags(), **{f"forja.stage.{s}": k for s, k in tokens.inputs.items()}})
         if tokens.path("tokens.html").exists():
             mlflow.log_artifact(str(tokens.path("tokens.html")), "tokenizer")
         run_training(launch_command(cfg, out / "spec.json"), child_env(run.info.run_id, cfg), cfg.max_steps)
@@ -220,7 +308,8 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
         mlflow.log_artifact(str(out / "loss_curve.png"))
         mlflow.log_artifact(str(out / "metrics.jsonl"))
     summary = json.loads((out / "train_summary.json").read_text())
-    return {**summary, "mlflow_run_id": run.info.run_id, "mlflow_experiment_id": exp_id, "model": spec.model}
+    return {**summary, "mlflow_run_id": run.info.run_id, "mlflow_experiment_id": exp_id, "model": spec.model,
+            "init_from": base if cfg.init_from else None, "version_tags": lineage}
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
@@ -230,9 +319,20 @@ CODE = ("tasks.pretrain", "model.checkpoint", "model.config", "model.data", "mod
 
 @task(name="pretrain", persist_result=True, cache_policy=stage.cache_policy(*CODE))
 def pretrain(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str,
-             upstream: list[stage.Manifest] = ()) -> stage.Manifest:
-    """Train a model from scratch on the tokenize stage's shards (upstream: earlier data stages, for their counts)."""
-    m = stage.run_stage("pretrain", cfg, [tokens], workdir,
-                        lambda out, key: build(cfg, tokens, workdir, experiment, out, key, upstream), CODE)
+             upstream: list[stage.Manifest] = (), model_name: str | None = None,
+             base: dict | None = None) -> stage.Manifest:
+    """Train a model on the tokenize stage's shards: from scratch, or from the registered version
+    pretrain.init_from names (base: init_base(...), resolved by the flow so the cache follows it).
+
+    upstream: earlier data stages, for their counts; model_name: the registered model's name, for
+    the MLflow run's name."""
+    key_cfg = cfg.model_dump(mode="json")
+    if cfg.init_from:
+        if not base or base.get("uri") != cfg.init_from:
+            raise ValueError(f"pretrain.init_from is {cfg.init_from}: pass base=init_base(...) for it")
+        key_cfg["init_from_sha256"] = base["weights_sha256"]
+    m = stage.run_stage("pretrain", key_cfg, [tokens], workdir,
+                        lambda out, key: build(cfg, tokens, workdir, experiment, out, key, upstream, model_name, base),
+                        CODE)
     publish_counts("pretrain", m)
     return m

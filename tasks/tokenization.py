@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,19 @@ def vocabulary_report(tok: Tokenizer, texts: list[str], encoded: list[list[int]]
             "vocab_used_fraction": used / tok.get_vocab_size()}
 
 
-def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
+def base_tokenizer(base: dict, workdir: str, out: Path) -> Tokenizer:
+    """The tokenizer of a registered version (downloaded, its weights sha256 checked), saved in out."""
+    import tempfile
+
+    from tasks.tracking import download_base
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(download_base(base, workdir, Path(tmp)) / "tokenizer.json", out / "tokenizer.json")
+    return Tokenizer.from_file(str(out / "tokenizer.json"))
+
+
+def build(cfg: TokenizeConfig, documents: list[Path], out: Path, base: dict | None = None,
+          workdir: str | None = None) -> dict:
     texts = [t for f in documents for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
     val = [t for t in texts if is_validation(t, cfg.val_fraction, cfg.seed)]
     train = [t for t in texts if not is_validation(t, cfg.val_fraction, cfg.seed)]
@@ -171,9 +184,14 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
         val, train = train[-1:], train[:-1]
     if not train:
         raise ValueError(f"{len(texts)} document(s) in the normalize output: too few to split into train and validation")
-    log.info("tokenize: training BPE (vocab %d) on %d documents", cfg.vocab_size, len(train))
-    tok = train_tokenizer(train, cfg)
-    tok.save(str(out / "tokenizer.json"))
+    if base:  # the weights this run starts from only make sense with their own tokenizer
+        tok = base_tokenizer(base, workdir, out)
+        log.info("tokenize: encoding %d documents with the tokenizer of %s (vocab %d)", len(texts), base["version"],
+                 tok.get_vocab_size())
+    else:
+        log.info("tokenize: training BPE (vocab %d) on %d documents", cfg.vocab_size, len(train))
+        tok = train_tokenizer(train, cfg)
+        tok.save(str(out / "tokenizer.json"))
     val_ids = encode_all(tok, val)  # encoded once: packing and the report
     train_rows, val_rows = pack(tok, train, cfg.seq_len), pack(tok, val, cfg.seq_len, val_ids)
     if len(val_rows) == 0 or len(train_rows) == 0:
@@ -193,7 +211,7 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path) -> dict:
         "vocab_size": vocab, "seq_len": cfg.seq_len, "documents": {"train": len(train), "val": len(val)},
         "rows": {"train": len(train_rows), "val": len(val_rows)},
         "tokens": {"train": int(train_rows.shape[0] * cfg.seq_len), "val": int(val_rows.shape[0] * cfg.seq_len)},
-        **vocabulary_report(tok, val, val_ids),
+        **vocabulary_report(tok, val, val_ids), "tokenizer_from": base,
     }
 
 
@@ -202,10 +220,14 @@ CODE = ("tasks.tokenization",)
 
 
 @task(name="tokenize", persist_result=True, cache_policy=stage.cache_policy(*CODE))
-def tokenize(cfg: TokenizeConfig, normalized: stage.Manifest, workdir: str) -> stage.Manifest:
-    """Train the tokenizer and write packed train/validation token shards."""
-    m = stage.run_stage("tokenize", cfg, [normalized], workdir,
-                        lambda out, key: build(cfg, stage.shards(normalized.folder), out), CODE)
+def tokenize(cfg: TokenizeConfig, normalized: stage.Manifest, workdir: str, base: dict | None = None) -> stage.Manifest:
+    """Train the tokenizer (or take a registered version's: base, from tasks.pretrain.init_base, which
+    the flow resolves so that the key holds its weights' sha256) and write packed token shards."""
+    if cfg.tokenizer_from and not base:
+        raise ValueError(f"tokenize.tokenizer_from is {cfg.tokenizer_from}: pass base=init_base(...) for it")
+    key_cfg = cfg.model_dump(mode="json") | ({"base": base} if base else {})
+    m = stage.run_stage("tokenize", key_cfg, [normalized], workdir,
+                        lambda out, key: build(cfg, stage.shards(normalized.folder), out, base, workdir), CODE)
     publish_counts("tokenize", m)
     publish_tokens(m)
     return m
