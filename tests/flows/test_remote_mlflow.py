@@ -105,12 +105,14 @@ def test_registered_weights_live_on_the_server_and_load_from_another_directory(r
     on_server = list((remote.server / "artifacts").rglob("model.safetensors"))
     assert len(on_server) == 2  # v1 and v2, stored by the server
 
-    script = ("import mlflow, pandas as pd; m = mlflow.pyfunc.load_model('models:/forja-test@champion'); "
-              "print(list(m.predict(pd.DataFrame({'prompt': ['O Linux']}), params={'max_new_tokens': 4})))")
+    script = ("import json, mlflow, pandas as pd; m = mlflow.pyfunc.load_model('models:/forja-test@champion'); "
+              "print(json.dumps(list(m.predict(pd.DataFrame({'prompt': ['O Linux', 'A rede']}), "
+              "params={'max_new_tokens': 4, 'temperature': 0}))))")
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=other_env(remote, tmp_path),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().startswith("['O Linux")
+    outputs = json.loads(out.stdout.strip().splitlines()[-1])  # the continuations of the two prompts
+    assert len(outputs) == 2 and all(isinstance(o, str) and o for o in outputs)
 
 
 def test_cli_evaluate_and_batch_use_the_tracking_server(remote, tmp_path):
