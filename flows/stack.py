@@ -447,6 +447,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def note(t0: float, what: str) -> None:
+    print(f"[{time.monotonic() - t0:5.1f} s] {what}", flush=True)
+
+
+class PoolTemplate:
+    """The process worker's default job template, computed in a thread while the servers boot
+    (the same template `prefect work-pool create --type process` sends)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.value: dict | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._compute, daemon=True)
+        self._thread.start()
+
+    def _compute(self) -> None:
+        try:
+            from prefect.workers.process import ProcessWorker
+
+            self.value = ProcessWorker.get_default_base_job_template()
+        except BaseException as err:  # reported by join()
+            self.error = err
+
+    def join(self) -> dict:
+        self._thread.join()
+        if self.value is None:
+            raise StackError(f"could not load Prefect's process worker to create the work pool: {self.error}")
+        return self.value
+
+
+def ensure_pool(settings: Settings, template: PoolTemplate) -> None:
+    """Create the process work pool when missing (an existing one, maybe edited in the UI, is kept)."""
+    api = settings.prefect_api_url
+    if http_json(f"{api}/work_pools/{POOL}") != {"_status": 404}:
+        return
+    made = http_json(f"{api}/work_pools/", {"name": POOL, "type": "process",
+                                            "base_job_template": template.join()}, timeout=30)
+    if not isinstance(made, dict) or made.get("_status") not in (None, 409):
+        raise StackError(f"creating the work pool {POOL} at {api} failed: {made}")
+
+
 def wait_until(settings: Settings, label: str, log: str, check, deadline: float, watch: dict) -> None:
     """Poll `check()` until true; a watched process that exits, or the deadline, is a StackError."""
     while True:
@@ -520,6 +562,7 @@ def up(settings: Settings) -> None:
         raise StackError("PREFECT_PORT, MLFLOW_PORT and PG_PORT must be three different ports")
 
     started: list[str] = []
+    template = PoolTemplate()  # imports Prefect's process worker while the servers boot
     try:
         deadline = time.monotonic() + settings.timeout
         watch: dict[str, subprocess.Popen] = {}
@@ -542,28 +585,29 @@ def up(settings: Settings) -> None:
             child_env(settings))
         started.append("mlflow")
         api = settings.prefect_api_url
+        note(t0, "servers started")
         wait_until(settings, "the Prefect server", "prefect", lambda: http_json(f"{api}/health") is True,
                    deadline, watch)
+        note(t0, "Prefect API healthy")
         env = client_env(settings)
         worker_name = f"forja-{socket.gethostname()}-{secrets.token_hex(3)}"
-        pool = None
-        if http_json(f"{api}/work_pools/{POOL}") == {"_status": 404}:
-            pool = spawn(settings, "pool", [prefect, *pool_create_command()[1:]], env, record=False)
+        template.join()
+        ensure_pool(settings, template)
+        note(t0, f"work pool {POOL} ready")
         watch["worker"] = spawn(settings, "worker", [prefect, *worker_command(worker_name)[1:]], env)
         started.append("worker")
-        wait_until(settings, f"the work pool {POOL}", "pool" if pool else "worker",
-                   lambda: (pool is None or pool.poll() is not None) and
-                   isinstance(http_json(f"{api}/work_pools/{POOL}"), dict) and
-                   "_status" not in http_json(f"{api}/work_pools/{POOL}"), deadline, watch)
         deploy = spawn(settings, "deploy", [prefect, *deploy_command()[1:]], env, record=False)
         wait_until(settings, "prefect deploy --all", "deploy", lambda: deploy.poll() is not None, deadline, watch)
+        note(t0, "deployments applied")
         if deploy.returncode != 0:
             raise StackError(f"`prefect --no-prompt deploy --all` failed (exit {deploy.returncode}); the end of "
                              f"{log_path(settings, 'deploy')}:\n{log_tail(settings, 'deploy', 40)}")
         wait_until(settings, "the MLflow server", "mlflow",
                    lambda: http_json(f"{settings.mlflow_uri}/health") == "OK", deadline, watch)
+        note(t0, "MLflow healthy")
         wait_until(settings, "the Prefect worker", "worker", lambda: health(settings, worker_name)["worker"],
                    deadline, watch)
+        note(t0, "worker polling")
         wait_until(settings, "the deployments", "deploy", lambda: health(settings, worker_name)["deployments"],
                    deadline, watch)
         write_state(settings, worker_name=worker_name)
