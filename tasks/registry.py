@@ -100,7 +100,8 @@ def _write_history(client: mlflow.MlflowClient, name: str, history: list[dict]) 
 
 def reconcile(client: mlflow.MlflowClient, name: str, write: bool = True) -> list[dict]:
     """The champion history with the current champion as its last entry: a champion moved
-    outside forja (the MLflow UI, the API) is appended as moved by hand; stored when write."""
+    outside forja (the MLflow UI, the API) is appended as moved by hand, `at` the time forja
+    noticed (MLflow keeps no time for an alias); stored when write (under the registry lock)."""
     model = client.get_registered_model(name)
     history = _parse_history(model.tags)
     current = model.aliases.get(CHAMPION)
