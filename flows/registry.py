@@ -27,8 +27,10 @@ def promote(model_name: str = "forja-demo", version: int = 1, workdir: str | Non
         workdir: the work directory whose MLflow store is used when MLFLOW_TRACKING_URI is not set.
     """
     forward_logs()
-    client = tracking.client(_workdir(workdir))
-    old = registry.promote(client, model_name, str(version))
+    wd = _workdir(workdir)
+    client = tracking.client(wd)
+    with registry.registry_lock(wd, model_name):  # queues behind a gate in progress
+        old = registry.promote(client, model_name, str(version))
     log.info("%s: champion %s -> %s", model_name, old, version)
     return {"model": model_name, "previous_champion": old, "champion": str(version)}
 
@@ -42,7 +44,9 @@ def rollback(model_name: str = "forja-demo", workdir: str | None = None) -> dict
         workdir: the work directory whose MLflow store is used when MLFLOW_TRACKING_URI is not set.
     """
     forward_logs()
-    client = tracking.client(_workdir(workdir))
-    old, new = registry.rollback(client, model_name)
+    wd = _workdir(workdir)
+    client = tracking.client(wd)
+    with registry.registry_lock(wd, model_name):
+        old, new = registry.rollback(client, model_name)
     log.info("%s: champion %s -> %s", model_name, old, new)
     return {"model": model_name, "previous_champion": old, "champion": new}
