@@ -84,15 +84,19 @@ def publish_table(key: str, rows: list[dict], description: str) -> None:
         log.debug("no Prefect table for %s: %s", key, e)
 
 
+NOT_SCORES = (".items", ".tokens", ".chance")  # suite results that describe the suite, not the model
+
+
 def log_to_run(workdir: str, run_id: str | None, metrics: dict, files: list[Path], prefix: str = "",
                step: int = 0) -> None:
     """Evaluation results and files on an MLflow run.
 
     Scores people compare across runs are metrics, logged at the run's last training step so
     that they sit at the end of its curves: held-out loss, perplexity and bits per byte as
-    eval_*, suite scores as suite.metric. Counts (the held-out tokens, a suite's items) say
-    what was measured, not how well: they are tags (eval.val_tokens, eval.SUITE.items), which a
-    re-evaluation may overwrite, unlike params.
+    eval_*, suite scores as suite.metric. Counts and baselines (the held-out tokens, a suite's
+    items and tokens, a choice suite's chance level) say what was measured, not how well: they
+    are tags (eval.val_tokens, eval.SUITE.items ...), which a re-evaluation may overwrite, unlike
+    params.
     """
     if not run_id:
         return
@@ -100,7 +104,7 @@ def log_to_run(workdir: str, run_id: str | None, metrics: dict, files: list[Path
 
     client = tracking.client(workdir)
     ts = int(time.time() * 1000)
-    counts = {k for k in metrics if k == "val_tokens" or k.endswith(".items")}
+    counts = {k for k in metrics if k == "val_tokens" or k.endswith(NOT_SCORES)}
     client.log_batch(
         run_id,
         metrics=[Metric(prefix + (k if "." in k else f"eval_{k}"), float(v), ts, step)

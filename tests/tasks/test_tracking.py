@@ -61,10 +61,12 @@ def test_data_counts_are_params_and_a_table_and_token_rows_are_dataset_inputs(wo
 def test_evaluation_scores_are_metrics_at_the_last_step_and_counts_are_tags(workdir):
     exp = tracking.setup(workdir, "evaluate")
     run_id = mlflow.MlflowClient().create_run(exp).info.run_id
-    metrics = {"val_loss": 3.0, "val_perplexity": 20.1, "val_tokens": 640, "qa.chrf": 12.5, "qa.items": 2.0}
+    metrics = {"val_loss": 3.0, "val_perplexity": 20.1, "val_tokens": 640, "qa.chrf": 12.5, "qa.items": 2.0,
+               "mc.accuracy": 0.5, "mc.chance": 0.5, "txt.tokens": 40.0}
     evaluate.log_to_run(str(workdir), run_id, metrics, [], step=300)
     run = mlflow.MlflowClient().get_run(run_id)
-    assert set(run.data.metrics) == {"eval_val_loss", "eval_val_perplexity", "qa.chrf"}
+    assert set(run.data.metrics) == {"eval_val_loss", "eval_val_perplexity", "qa.chrf", "mc.accuracy"}
+    assert run.data.tags["eval.mc.chance"] == "0.5" and run.data.tags["eval.txt.tokens"] == "40.0"
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "qa.chrf")] == [300]
     assert run.data.tags["eval.val_tokens"] == "640" and run.data.tags["eval.qa.items"] == "2.0"
     evaluate.log_to_run(str(workdir), run_id, {**metrics, "qa.items": 3.0}, [], step=300)  # re-evaluated: no error
