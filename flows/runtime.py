@@ -50,12 +50,26 @@ def retry_delay_scale() -> float:
         raise ValueError(f"FORJA_RETRY_DELAY_SCALE={raw!r} must be a number (1 = the default delays)") from None
 
 
+def worth_retrying(task, task_run, state) -> bool:
+    """False for errors a retry cannot mend: bad input or config (ValueError, a missing file)
+    fails at once with its message; the network, a tracking server or a crashed process retry."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as e:  # the failure's own exception
+            exc = e
+    return not isinstance(exc, (ValueError, FileNotFoundError))
+
+
 def with_policy(task):
-    """The task with its stage's retries (delays doubling), retry delay and timeout."""
+    """The task with its stage's retries (delays doubling, only for errors worth retrying),
+    retry delay and timeout."""
     retries, delay, timeout = POLICY[task.name]
     scale = retry_delay_scale()
     delays = [delay * scale * 2**i for i in range(retries)] or 0
-    return task.with_options(retries=retries, retry_delay_seconds=delays, timeout_seconds=timeout)
+    return task.with_options(retries=retries, retry_delay_seconds=delays, timeout_seconds=timeout,
+                             retry_condition_fn=worth_retrying)
 
 
 def forward_logs() -> None:

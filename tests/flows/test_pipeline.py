@@ -69,7 +69,8 @@ def runs(prefect_harness, tmp_path_factory):
     workdir = str(tmp / "work")
     first = pipeline(config_path=str(config), workdir=workdir, return_state=True)
     second = pipeline(config_path=str(config), workdir=workdir, return_state=True)
-    third = pipeline(config_path=str(config), overrides=["dedupe.threshold=0.9"], workdir=workdir, return_state=True)
+    third = pipeline(config_path=str(config), overrides=["dedupe.threshold=0.9", "pretrain.seed=7"], workdir=workdir,
+                     return_state=True)  # other weights: a second version
     return SimpleNamespace(tmp=tmp, config=config, workdir=workdir, states=[first, second, third],
                            tracking_uri=f"sqlite:///{tmp / 'work' / 'mlflow.db'}")
 

@@ -96,3 +96,23 @@ def test_every_stage_task_of_the_flows_has_a_policy():
 def test_mlflow_run_url_only_for_a_server():
     assert runtime.mlflow_run_url("http://127.0.0.1:5000/", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
     assert runtime.mlflow_run_url("sqlite:///w/mlflow.db", "3", "abc") is None
+
+
+def test_bad_input_is_not_retried_but_a_lost_connection_is(prefect_harness, monkeypatch, tmp_path):
+    from prefect import flow, task
+
+    monkeypatch.setenv("FORJA_RETRY_DELAY_SCALE", "0")
+    attempts = []
+
+    @task(name="register")
+    def flaky(error: str):
+        attempts.append(error)
+        raise {"value": ValueError, "connection": ConnectionError}[error]("boom")
+
+    @flow
+    def once(error: str):
+        return runtime.with_policy(flaky)(error)
+
+    assert once("value", return_state=True).is_failed() and attempts == ["value"]
+    attempts.clear()
+    assert once("connection", return_state=True).is_failed() and attempts == ["connection"] * 4
