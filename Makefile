@@ -11,10 +11,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # The service stack (make up): ports, database (DB=sqlite|postgres, or DATABASE_URL=postgresql://...)
 # and how long it may take to become healthy; flows/stack.py reads them from the environment.
+# DB empty: SQLite, or the PostgreSQL this work directory's stack used last time.
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PG_PORT ?=
-DB ?= sqlite
+DB ?=
 STACK_TIMEOUT ?= 120
 STACK_ENV = PATH=$(CURDIR)/$(BIN):$$PATH FORJA_WORKDIR=$(abspath $(WORKDIR)) PREFECT_PORT=$(PREFECT_PORT) \
   MLFLOW_PORT=$(MLFLOW_PORT) PG_PORT=$(PG_PORT) DB=$(DB) STACK_TIMEOUT=$(STACK_TIMEOUT)

@@ -512,6 +512,15 @@ def _adopt_state(settings: Settings, state: dict) -> None:
     settings.db, settings.pg_port, settings.database_url = state["db"], state.get("pg_port"), state.get("database_url")
 
 
+def restore_database(settings: Settings, state: dict) -> None:
+    """`make up` again without DB or DATABASE_URL comes back on the PostgreSQL used last time (the
+    private cluster on its port, or the server it was given): otherwise its data would seem lost."""
+    if state.get("db") == "postgres" and not settings.env.get("DB") and not settings.database_url:
+        settings.db, settings.database_url = "postgres", state.get("database_url")
+    if settings.db == "postgres" and not settings.database_url and settings.pg_port is None:
+        settings.pg_port = state.get("pg_port") or free_port()
+
+
 def addresses(settings: Settings) -> str:
     return (f"Prefect UI  http://127.0.0.1:{settings.prefect_port}   (PREFECT_API_URL={settings.prefect_api_url})\n"
             f"MLflow UI   {settings.mlflow_uri}   (MLFLOW_TRACKING_URI={settings.mlflow_uri})\n"
@@ -540,12 +549,7 @@ def up(settings: Settings) -> None:
         print(f"restarting a partly running stack ({', '.join(missing)} not running)")
         for name in reversed(running):
             stop(settings, name)
-    elif state and state.get("db") == "postgres" and settings.db == "sqlite" and not settings.env.get("DB"):
-        _adopt_state(settings, state)  # `make up` again finds the PostgreSQL it used before
-        settings.prefect_port = int(settings.env.get("PREFECT_PORT") or settings.prefect_port)
-        settings.mlflow_port = int(settings.env.get("MLFLOW_PORT") or settings.mlflow_port)
-    if settings.db == "postgres" and not settings.database_url and settings.pg_port is None:
-        settings.pg_port = state.get("pg_port") or free_port()
+    restore_database(settings, state)
 
     prefect, mlflow = which("prefect", settings), which("mlflow", settings)
     if settings.db == "postgres" and not settings.database_url:

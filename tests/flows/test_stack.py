@@ -215,10 +215,35 @@ def test_db_postgres_puts_prefect_and_mlflow_in_a_private_cluster():
         assert set(pids) == {"postgres", "prefect", "mlflow", "worker"}
         stack.down()
         assert not any(alive(p) for p in pids.values()) and not stk.group_members(pids["postgres"])
+
     finally:
         stack.down()
         assert not processes_under(workdir)
         shutil.rmtree(workdir.parent, ignore_errors=True)
+
+
+def test_up_again_without_db_comes_back_on_the_postgres_used_before(tmp_path):
+    private = {"db": "postgres", "pg_port": 54999, "database_url": None}
+    again = stk.Settings.from_env({"FORJA_WORKDIR": str(tmp_path), "DB": ""})
+    stk.restore_database(again, private)
+    assert (again.db, again.pg_port, again.database_url) == ("postgres", 54999, None)
+    remote = {"db": "postgres", "pg_port": None, "database_url": "postgresql://u:p@db.internal:5432/postgres"}
+    again = stk.Settings.from_env({"FORJA_WORKDIR": str(tmp_path)})
+    stk.restore_database(again, remote)
+    assert again.db == "postgres" and again.database_url == remote["database_url"] and again.pg_port is None
+    chosen = stk.Settings.from_env({"FORJA_WORKDIR": str(tmp_path), "DB": "sqlite"})  # asked for: honoured
+    stk.restore_database(chosen, private)
+    assert chosen.db == "sqlite"
+    fresh = stk.Settings.from_env({"FORJA_WORKDIR": str(tmp_path), "DB": "postgres", "PG_PORT": "6001"})
+    stk.restore_database(fresh, {})
+    assert fresh.pg_port == 6001
+
+
+def test_bad_settings_name_the_variable(tmp_path):
+    for env, named in (({"PREFECT_PORT": "42x"}, "PREFECT_PORT='42x'"), ({"DB": "mysql"}, "DB='mysql'"),
+                       ({"STACK_TIMEOUT": "soon"}, "STACK_TIMEOUT='soon'")):
+        with pytest.raises(stk.StackError, match=named):
+            stk.Settings.from_env({"FORJA_WORKDIR": str(tmp_path), **env})
 
 
 @pytest.mark.skipif(not shutil.which("docker-compose"), reason="make system-deps installs docker-compose")
