@@ -489,7 +489,8 @@ def ensure_pool(settings: Settings, template: PoolTemplate) -> None:
         raise StackError(f"creating the work pool {POOL} at {api} failed: {made}")
 
 
-def wait_until(settings: Settings, label: str, log: str, check, deadline: float, watch: dict) -> None:
+def wait_until(settings: Settings, label: str, log: str, check, deadline: float, watch: dict,
+               goal: str = "become healthy") -> None:
     """Poll `check()` until true; a watched process that exits, or the deadline, is a StackError."""
     while True:
         if check():
@@ -500,7 +501,7 @@ def wait_until(settings: Settings, label: str, log: str, check, deadline: float,
                 raise StackError(f"{LABELS[name]} exited with code {code}; the end of "
                                  f"{log_path(settings, name)}:\n{log_tail(settings, name)}")
         if time.monotonic() > deadline:
-            raise StackError(f"{label} did not become healthy in {settings.timeout:.0f} s (STACK_TIMEOUT to wait "
+            raise StackError(f"{label} did not {goal} in {settings.timeout:.0f} s (STACK_TIMEOUT to wait "
                              f"longer); the end of {log_path(settings, log)}:\n{log_tail(settings, log)}")
         time.sleep(0.25)
 
@@ -566,6 +567,7 @@ def up(settings: Settings) -> None:
         raise StackError("PREFECT_PORT, MLFLOW_PORT and PG_PORT must be three different ports")
 
     started: list[str] = []
+    transient: list[subprocess.Popen] = []  # one-shot commands, not recorded: killed if `up` fails
     template = PoolTemplate()  # imports Prefect's process worker while the servers boot
     try:
         deadline = time.monotonic() + settings.timeout
@@ -601,7 +603,9 @@ def up(settings: Settings) -> None:
         watch["worker"] = spawn(settings, "worker", [prefect, *worker_command(worker_name)[1:]], env)
         started.append("worker")
         deploy = spawn(settings, "deploy", [prefect, *deploy_command()[1:]], env, record=False)
-        wait_until(settings, "prefect deploy --all", "deploy", lambda: deploy.poll() is not None, deadline, watch)
+        transient.append(deploy)
+        wait_until(settings, "`prefect deploy --all`", "deploy", lambda: deploy.poll() is not None, deadline, watch,
+                   goal="finish")
         note(t0, "deployments applied")
         if deploy.returncode != 0:
             raise StackError(f"`prefect --no-prompt deploy --all` failed (exit {deploy.returncode}); the end of "
@@ -616,8 +620,16 @@ def up(settings: Settings) -> None:
                    deadline, watch)
         write_state(settings, worker_name=worker_name)
     except BaseException:
+        import signal
+
+        for proc in transient:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         for name in reversed(started):
             stop(settings, name, grace=10.0)
+        if started:
+            print(f"stopped what this command had started ({', '.join(started)})", file=sys.stderr)
         raise
     print(f"forja stack up and healthy in {time.monotonic() - t0:.1f} s ({settings.db})\n{addresses(settings)}")
 
