@@ -206,3 +206,32 @@ def test_an_experiment_with_local_artifacts_on_a_server_is_reported(remote, tmp_
     with caplog.at_level("WARNING", logger="forja.tracking"):
         tracking.setup(tmp_path, "forja-local-artifacts")
     assert "forja-local-artifacts" in caplog.text and "new experiment name" in caplog.text
+
+
+def test_mlflow_models_serve_loads_the_champion_from_the_server(remote, tmp_path):
+    import httpx
+
+    from model.train import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/forja-test@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              cwd=tmp_path, env=other_env(remote, tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={
+            "dataframe_split": {"columns": ["prompt"], "data": [["O Linux"]]}, "params": {"max_new_tokens": 3}})
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1, answer.text
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
