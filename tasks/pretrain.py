@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -138,16 +139,40 @@ def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretra
     On a terminal, a progress bar shows step, loss and tokens/s as well.
     """
     tail: deque[str] = deque(maxlen=30)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with TrainingProgress(max_steps, label) as bar:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            if line.startswith(REPORTED):
-                logging.getLogger(f"forja.{label}").info("%s: %s", label, line)
-                bar.update(line)
+    # Its own process group, so the launcher and every rank can be stopped together.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        with TrainingProgress(max_steps, label) as bar:
+            for line in proc.stdout:
+                line = line.rstrip()
+                tail.append(line)
+                if line.startswith(REPORTED):
+                    logging.getLogger(f"forja.{label}").info("%s: %s", label, line)
+                    bar.update(line)
+    except BaseException:  # a task timeout, a cancelled run, Ctrl-C: leave no rank training behind
+        stop_group(proc)
+        raise
     if proc.wait():
         raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM the process group of proc (the launcher and its ranks), SIGKILL what is left after
+    grace_s. The last committed checkpoint stays, so a retry resumes from it."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + wait
+        try:
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                proc.poll()  # reap the launcher, or its zombie keeps the group alive
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
+        except ProcessLookupError:  # nobody left in the group
+            break
+    log.warning("training stopped: its process group %d was terminated", proc.pid)
 
 
 class TrainingProgress:

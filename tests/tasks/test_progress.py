@@ -21,3 +21,32 @@ def test_no_bar_without_a_terminal(monkeypatch):
     with TrainingProgress(10) as bar:
         bar.update("step 5 train_loss=1.0")
         assert bar.progress is None
+
+
+def test_an_interrupted_training_leaves_no_process_behind(tmp_path):
+    """A task timeout (or a cancelled run) stops the launcher and every rank it started."""
+    import os
+    import sys
+
+    import pytest
+    from prefect.utilities.timeout import timeout
+
+    from tasks.pretrain import run_training
+
+    pids = tmp_path / "pids"
+    # A "launcher" that starts a "rank" which ignores nothing and sleeps, then prints steps.
+    script = (f"import os, subprocess, sys, time\n"
+              f"rank = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+              f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{rank.pid}}')\n"
+              f"print('step 1 train_loss=1.0', flush=True)\n"
+              f"time.sleep(600)\n")
+    with pytest.raises(TimeoutError):
+        with timeout(seconds=3):
+            run_training([sys.executable, "-c", script], dict(os.environ), 10)
+    for pid in map(int, pids.read_text().split()):
+        try:
+            os.kill(pid, 0)
+            alive = not open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except ProcessLookupError:
+            alive = False
+        assert not alive, f"process {pid} still running after the training was interrupted"
