@@ -17,6 +17,7 @@ MLFLOW_PORT ?= 5000
 PG_PORT ?=
 DB ?=
 STACK_TIMEOUT ?= 120
+SERVE_PORT ?= 5001
 STACK_ENV = PATH=$(CURDIR)/$(BIN):$$PATH FORJA_WORKDIR=$(abspath $(WORKDIR)) PREFECT_PORT=$(PREFECT_PORT) \
   MLFLOW_PORT=$(MLFLOW_PORT) PG_PORT=$(PG_PORT) DB=$(DB) STACK_TIMEOUT=$(STACK_TIMEOUT)
 # Debian packages: redis-server (dedupe index), chromium + chromium-driver (UI tests),
@@ -29,7 +30,7 @@ SYSTEM_DEPS := redis-server:/usr/bin/redis-server chromium:/usr/bin/chromium \
 
 help:
 	@echo "make demo     install, then run the pipeline on configs/demo.yaml (crawl -> register), then fine-tune"
-	@echo "make serve    serve the champion of MODEL (default forja-demo) on http://127.0.0.1:5001/invocations"
+	@echo "make serve    serve the champion of MODEL (default forja-demo) on http://127.0.0.1:$(SERVE_PORT)/invocations"
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create $(VENV) and install forja with its test tools"
 	@echo "make bench    run the benchmarks in benchmarks/"
@@ -69,10 +70,11 @@ demo: install
 	$(BIN)/forja run configs/demo.yaml --workdir $(WORKDIR)
 	$(BIN)/forja finetune configs/demo.yaml --workdir $(WORKDIR)
 
-# Real-time serving of the champion on 127.0.0.1:5001 (mlflow starts uvicorn from PATH).
+# Real-time serving of the champion on 127.0.0.1:$(SERVE_PORT) (mlflow starts uvicorn from PATH), from
+# MLFLOW_TRACKING_URI when set (the tracking server of make up: http://127.0.0.1:5000), else work/mlflow.db.
 serve: install
-	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(abspath $(WORKDIR))/mlflow.db \
-	  $(BIN)/mlflow models serve -m models:/$${MODEL:-forja-demo}@champion --env-manager local -h 127.0.0.1 -p 5001 -w 1
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(WORKDIR))/mlflow.db} \
+	  $(BIN)/mlflow models serve -m models:/$${MODEL:-forja-demo}@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) -w 1
 
 test: install system-deps
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v

@@ -16,6 +16,7 @@ from tests.flows.test_pipeline import write_config
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).parents[2]
 
 
 def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
@@ -208,16 +209,19 @@ def test_an_experiment_with_local_artifacts_on_a_server_is_reported(remote, tmp_
     assert "forja-local-artifacts" in caplog.text and "new experiment name" in caplog.text
 
 
-def test_mlflow_models_serve_loads_the_champion_from_the_server(remote, tmp_path):
+def test_make_serve_serves_the_champion_from_the_tracking_server(remote, tmp_path):
+    """`make serve` (mlflow models serve) honours MLFLOW_TRACKING_URI: the champion comes from the server."""
+    import signal
+
     import httpx
 
     from model.train import free_port
 
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/forja-test@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                              cwd=tmp_path, env=other_env(remote, tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    env = other_env(remote, tmp_path) | {"MODEL": "forja-test", "SERVE_PORT": str(port)}
+    server = subprocess.Popen(["make", "--no-print-directory", "serve"], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 180
         while True:
@@ -232,6 +236,6 @@ def test_mlflow_models_serve_loads_the_champion_from_the_server(remote, tmp_path
             "dataframe_split": {"columns": ["prompt"], "data": [["O Linux"]]}, "params": {"max_new_tokens": 3}})
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1, answer.text
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # make, mlflow and uvicorn
         server.wait(30)
         log.close()
