@@ -4,6 +4,8 @@ curves on one chart), then move `champion` by hand in the registry page; `forja 
 the move and `forja rollback` returns to the version that was champion before it."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.ui.browser import click, shoot, text, visible, wait
@@ -77,7 +79,7 @@ def _metric_link(driver, metric: str):
         if shown:
             return shown[0]
         ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(scrolling[0]), 0, 120).perform()
-        wait(driver, 1).until(lambda _: True)
+        time.sleep(0.2)  # let the grid render the rows scrolled into view
     raise AssertionError(f"no {metric} row in the compare page's metrics table")
 
 
