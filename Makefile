@@ -77,7 +77,7 @@ serve: install
 	  $(BIN)/mlflow models serve -m models:/$${MODEL:-forja-demo}@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) -w 1
 
 test: install system-deps
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v --durations=25
 
 test-fast: install system-deps
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v -m "not slow"

@@ -48,9 +48,9 @@ def load(model_uri: str, tracking_uri: str):
     """Download (sha256-checked) and load a registered version once per process."""
     import mlflow
 
-    from tasks import registry
+    from tasks import registry, tracking
 
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking.use(tracking_uri)
     client = mlflow.MlflowClient()
     version = registry.resolve(client, model_uri)
     return registry.load_version(client, version), f"{version.name}/{version.version}"

@@ -35,6 +35,19 @@ def tracking_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def use(uri: str) -> None:
+    """Make uri MLflow's default in this process, without writing MLFLOW_TRACKING_URI into the
+    environment (mlflow.set_tracking_uri does): forja reads that variable as the user's choice,
+    so one work directory's store must not leak into the next call for another. Child processes
+    are given the URI explicitly (tasks.pretrain.child_env)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def is_remote(uri: str) -> bool:
     """A tracking server (as opposed to a database or folder this process writes itself)."""
     return uri.lower().startswith(REMOTE_SCHEMES)
@@ -45,7 +58,7 @@ def setup(workdir: str | Path, experiment: str) -> str:
     created if new: with the local artifact folder for a local store, with the server's own
     artifact location for a tracking server."""
     uri = tracking_uri(workdir)
-    mlflow.set_tracking_uri(uri)
+    use(uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
@@ -64,7 +77,7 @@ def setup(workdir: str | Path, experiment: str) -> str:
 
 def client(workdir: str | Path) -> mlflow.MlflowClient:
     """An MLflow client on the workdir's store (MLFLOW_TRACKING_URI if set), also made the default."""
-    mlflow.set_tracking_uri(tracking_uri(workdir))
+    use(tracking_uri(workdir))
     return mlflow.MlflowClient()
 
 

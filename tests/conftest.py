@@ -23,6 +23,14 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "forj
 from tests.fixtures.site import make_site  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on the service stack (a real Prefect server in other processes) run last: Prefect's
+    client keeps process-wide state (its event loop thread, the events worker) bound to the API
+    it first used, which must be the in-process test harness for the flow tests."""
+    service = [item for item in items if "stack" in getattr(item, "fixturenames", ())]
+    items[:] = [item for item in items if item not in service] + service
+
+
 @pytest.fixture
 def site(tmp_path) -> Path:
     """The tiny fixture site's root folder (not yet served)."""
@@ -90,3 +98,15 @@ def service_runs(stack, tmp_path_factory):
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
         return run_weekly(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_uri_stays_in_its_module():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which forja reads as the user's
+    choice: a module that points MLflow at a server must not send the next module's runs there."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

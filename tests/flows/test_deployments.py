@@ -1,10 +1,8 @@
 """prefect.yaml's deployments run by a real worker of a real stack (`make up`): the weekly refresh
 really refreshes, its completion triggers the fine-tune, forja's logs reach the run, a busy work
-directory makes a run wait, a bad config fails before any stage, a down tracking server makes
-register retry and then fail naming it."""
+directory makes a run wait, a bad config fails before any stage."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -18,10 +16,11 @@ STAGES = ["crawl", "dedupe", "normalize", "tokenize", "pretrain", "evaluate", "r
 @pytest.fixture(scope="module")
 def api(stack):
     """This process's Prefect and MLflow clients pointed at the stack."""
-    import mlflow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    mlflow.set_tracking_uri(stack.mlflow_uri)
+    from tasks import tracking
+
+    tracking.use(stack.mlflow_uri)  # this process's MLflow client, without exporting it to the environment
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
         yield stack
 
@@ -94,39 +93,3 @@ def test_a_deployment_run_with_a_bad_config_fails_before_any_stage_as_the_cli_sa
     cli = forja("run", str(weekly.config), "--set", bad[0], "--workdir", str(weekly.workdir))
     message = cli.stderr.strip().removeprefix("forja: ")
     assert cli.returncode == 2 and message and message in run.state.message
-
-
-def test_register_retries_while_the_tracking_server_is_down_then_fails_naming_it(weekly, api, monkeypatch):
-    from prefect import flow
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    from flows.runtime import with_policy
-    from tasks.config import load_config
-    from tasks.register import register
-    from tasks.stage import Manifest
-    from tests.fixtures.stack import free_port
-
-    def manifest(stage: str) -> Manifest:
-        (folder,) = sorted((weekly.workdir / "artifacts" / stage).iterdir(), key=lambda p: p.stat().st_mtime)[-1:]
-        return Manifest.model_validate_json((folder / "manifest.json").read_text())
-
-    trained, evaluated = manifest("pretrain"), manifest("evaluate")
-    down = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    monkeypatch.setenv("FORJA_RETRY_DELAY_SCALE", "0.01")
-    cfg = load_config(weekly.config, ["register.model_name=forja-down"]).register
-
-    @flow
-    def register_only():
-        return with_policy(register)(cfg, trained, evaluated, {}, str(weekly.workdir / "other"))
-
-    state = register_only(return_state=True)
-    assert state.is_failed()
-    with client() as c:
-        (task_run,) = c.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    assert task_run.run_count == 4  # three retries
-    assert down in str(state.message) or down in str(task_run.state.message)
-    assert Path(trained.folder, "model.safetensors").is_file()  # the trained model is still there

@@ -398,3 +398,39 @@ def test_a_champion_measured_on_another_suite_file_is_rescored_before_the_gate_c
     champion = client.get_model_version("forja-test", "1")
     assert champion.tags["metric.drift.score"] == "0.3" and champion.tags["suite.drift.sha256"] == "new-file"
     assert str(client.get_model_version_by_alias("forja-test", "champion").version) == "1"
+
+
+def test_register_retries_while_the_tracking_server_is_down_then_fails_naming_it(runs, monkeypatch):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.runtime import with_policy
+    from model.train import free_port
+    from tasks.config import load_config
+    from tasks.register import register
+    from tasks.stage import Manifest
+
+    def manifest(stage: str) -> Manifest:
+        return Manifest.model_validate_json((Path(runs.states[0].result()["stages"][stage]) / "manifest.json").read_text())
+
+    trained, evaluated = manifest("pretrain"), manifest("evaluate")
+    down = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.setenv("FORJA_RETRY_DELAY_SCALE", "0.01")
+    cfg = load_config(runs.config, ["register.model_name=forja-down"]).register
+
+    @flow
+    def register_only():
+        return with_policy(register)(cfg, trained, evaluated, {}, str(Path(runs.workdir) / "other"))
+
+    state = register_only(return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as c:
+        (task_run,) = c.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert task_run.run_count == 4  # three retries
+    assert down in str(state.message) or down in str(task_run.state.message)
+    assert Path(trained.folder, "model.safetensors").is_file()  # the trained model is still there

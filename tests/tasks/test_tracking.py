@@ -120,3 +120,16 @@ def test_init_from_needs_the_flow_to_resolve_it_and_agree_with_tokenizer_from(tm
     bad.write_text("crawl: {folders: [x]}\npretrain: {init_from: forja-test@champion}\n")
     with pytest.raises(ConfigError, match="pretrain.init_from"):
         load_config(bad)
+
+
+def test_one_work_directorys_store_does_not_leak_into_the_next(tmp_path, monkeypatch):
+    """tracking.client(A) must not make A's store the answer for work directory B (mlflow's own
+    set_tracking_uri exports MLFLOW_TRACKING_URI, which forja reads as the user's choice)."""
+    from tasks import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.client(tmp_path / "a")
+    assert tracking.tracking_uri(tmp_path / "b") == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the user's choice wins
+    tracking.client(tmp_path / "a")
+    assert tracking.tracking_uri(tmp_path / "b") == "http://127.0.0.1:5000"
