@@ -80,7 +80,7 @@ def run_shard(model_uri: str, tracking_uri: str, prompts: list[str], first_row: 
 
 @flow(name="forja-batch", log_prints=True)
 def batch(model_uri: str, input_path: str, output_dir: str, shard_size: int = 256, sampling: dict | None = None,
-          batch_size: int = 8, workdir: str | None = None, chat: bool = False) -> dict:
+          batch_size: int = 8, workdir: str = "", chat: bool = False) -> dict:
     """Generate for every prompt of input_path into output_dir's Parquet shards, skipping finished ones.
 
     Args:

@@ -21,7 +21,7 @@ logging.getLogger("forja").setLevel(logging.INFO)  # stage progress into the Pre
 
 @flow(name="forja-finetune", log_prints=True)
 def finetune(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-             workdir: str | None = None, if_busy: Literal["wait", "fail"] = "wait") -> dict:
+             workdir: str = "", if_busy: Literal["wait", "fail"] = "wait") -> dict:
     """Fine-tune finetune.base_model on finetune.data, score it against its base, register it.
 
     Args:

@@ -30,7 +30,7 @@ def default_workdir() -> str:
 
 @flow(name="forja-pipeline", log_prints=True)
 def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-             workdir: str | None = None, if_busy: Literal["wait", "fail"] = "wait") -> dict:
+             workdir: str = "", if_busy: Literal["wait", "fail"] = "wait") -> dict:
     """Build a corpus, train, evaluate and register a model from one config file.
 
     Args:

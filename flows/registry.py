@@ -18,7 +18,7 @@ def _workdir(workdir: str | None) -> str:
 
 
 @flow(name="forja-promote", log_prints=True)
-def promote(model_name: str = "forja-demo", version: int = 1, workdir: str | None = None) -> dict:
+def promote(model_name: str = "forja-demo", version: int = 1, workdir: str = "") -> dict:
     """Move the champion alias of a registered model to a version (a person's decision).
 
     Args:
@@ -36,7 +36,7 @@ def promote(model_name: str = "forja-demo", version: int = 1, workdir: str | Non
 
 
 @flow(name="forja-rollback", log_prints=True)
-def rollback(model_name: str = "forja-demo", workdir: str | None = None) -> dict:
+def rollback(model_name: str = "forja-demo", workdir: str = "") -> dict:
     """Move the champion alias back to the version it was on before.
 
     Args:
