@@ -152,7 +152,9 @@ def read_holder(info: Path) -> dict:
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The run's page in the MLflow UI when the tracking URI is a server, else None."""
-    if not tracking_uri.startswith(("http://", "https://")):
+    from tasks.tracking import is_remote
+
+    if not is_remote(tracking_uri):
         return None
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 

@@ -79,7 +79,7 @@ class TrackingUnavailable(ConnectionError):
 
 def tracking_answers(uri: str) -> bool:
     """Whether an http(s) tracking server answers its health check; other stores are assumed up."""
-    if not uri.startswith(("http://", "https://")):
+    if not tracking.is_remote(uri):
         return True
     try:
         return requests.get(uri.rstrip("/") + "/health", timeout=5).ok
