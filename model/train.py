@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from model import checkpoint, monitor
+from model.faults import fault_point
 from model.config import ModelConfig
 from model.data import Batches, eval_batches, open_mask, open_rows
 from model.gpt import GPT
@@ -228,8 +228,7 @@ class MetricSink:
 
 def fault(point: str, step: int) -> None:
     """Fault injection for the resume tests: FORJA_FAULT=point:step kills this process there."""
-    if os.environ.get("FORJA_FAULT") == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault_point(f"{point}:{step}")
 
 
 def barrier() -> None:
