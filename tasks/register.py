@@ -18,6 +18,7 @@ from prefect import task
 import model as model_pkg
 import model.serving
 from model.checkpoint import file_sha256
+from model.faults import fault_point
 from model.generate import WEIGHTS
 from tasks import registry, stage, tracking
 from tasks.config import RegisterConfig
@@ -111,8 +112,8 @@ def log_model(trained: stage.Manifest, run_id: str, weights_sha256: str) -> str:
             code_paths=[str(Path(model_pkg.__file__).parent)], signature=SIGNATURE,
             input_example=(pd.DataFrame({"prompt": ["O Linux é"]}), {"max_new_tokens": 16, "temperature": 0.0}),
             pip_requirements=requirements(), model_config={"weights_sha256": weights_sha256},
+            tags={"weights_sha256": weights_sha256},  # with the model, so a retry after any crash finds it
         )
-    mlflow.set_logged_model_tags(info.model_id, {"weights_sha256": weights_sha256})  # found again by a retry
     return info.model_uri
 
 
@@ -131,8 +132,11 @@ def register_version(cfg: RegisterConfig, trained: stage.Manifest, run_id: str, 
                 client.set_model_version_tag(cfg.model_name, mv.version, k, v)
         return mv, True
     uri = logged_model_uri(run_id, weights_sha256) or log_model(trained, run_id, weights_sha256)
+    fault_point("register:logged")
     # tags go in with the version, so no crash can leave a version without its weights_sha256
-    return mlflow.register_model(uri, cfg.model_name, tags=tags), False
+    mv = mlflow.register_model(uri, cfg.model_name, tags=tags)
+    fault_point("register:version-created")
+    return mv, False
 
 
 def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
@@ -166,7 +170,9 @@ def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manife
         mv, reused = register_version(cfg, trained, run_id, weights_sha256, tags)
         registry.record_metrics(client, client.get_model_version(cfg.model_name, mv.version), metrics,
                                 evaluated.stats.get("suite_sha256", {}))
+        fault_point("register:metrics-recorded")
         client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, mv.version)
+        fault_point("register:candidate-alias")
         decision = registry.gate(client, cfg.model_name, mv.version, cfg.gate_metric, cfg.gate_direction,
                                  cfg.gate_margin, rescorer(evaluated, cfg.gate_metric, workdir))
     log.info("register: %s version %s (%s=%.4f); champion %s", cfg.model_name, mv.version, cfg.gate_metric,

@@ -5,7 +5,8 @@ beats the current champion on the gate metric of the same suite (same file sha25
 more than the margin, or when a person promotes it (`forja promote`, or the MLflow UI).
 
 Every move of `champion` is kept in the registered model's tag `forja.champion_history`
-(a JSON list of {version, by, at}), whoever made it: each forja registry operation first
+(a JSON list of {version, by, at}), whoever made it (a move forja began and a crash cut short
+is marked pending until the next operation settles it): each forja registry operation first
 reconciles, recording a champion moved in the MLflow UI (or API) as moved by hand, so the
 gate compares against the champion a person picked and `forja rollback` walks back through
 the versions that really were champion. `forja.previous_champion` still names the version
@@ -26,6 +27,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from model.faults import fault_point
 from tasks.registry_lock import RegistryLockError, RegistryLockTimeout, registry_lock  # noqa: F401
 
 log = logging.getLogger("forja.registry")
@@ -106,6 +108,8 @@ def reconcile(client: mlflow.MlflowClient, name: str, write: bool = True) -> lis
     history = _parse_history(model.tags)
     current = model.aliases.get(CHAMPION)
     current = str(current) if current is not None else None
+    if history and history[-1].get("pending"):  # a move that a crash interrupted: finish or forget it
+        history = settle(client, name, history, current, write)
     if current == (history[-1]["version"] if history else None):
         return history
     by = BY_HAND
@@ -127,16 +131,40 @@ def move_champion(client: mlflow.MlflowClient, name: str, version: str, reason: 
     old = _champion(client, name)
     if old == str(version):
         return old
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    entry = {"version": str(version), "by": reason, "at": _now()}
+    entry = {"version": str(version), "by": reason, "at": _now(), "pending": True, "from": old}
     if back_to is not None:
         entry["back_to"] = back_to
+    # The intent is written before the alias moves, so a crash between the two is settled by the
+    # next reconcile (finished if the alias moved, forgotten if not) instead of being taken for a
+    # move by hand and losing the rollback target.
     _write_history(client, name, history + [entry])
-    if old is not None:
-        client.set_registered_model_tag(name, PREVIOUS, old)
-    client.set_model_version_tag(name, str(version), "forja.promoted_by", reason)
+    fault_point("registry:history-pending")
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    fault_point("registry:champion-moved")
+    settle(client, name, history + [entry], str(version))
     log.info("%s: champion %s -> %s (%s)", name, old, version, reason)
     return old
+
+
+def settle(client: mlflow.MlflowClient, name: str, history: list[dict], current: str | None,
+           write: bool = True) -> list[dict]:
+    """Finish the pending last move of history if champion is on its version (the alias moved),
+    drop it otherwise; stored when write. Idempotent, so a crash inside it is settled again."""
+    entry = dict(history[-1])
+    if current != entry["version"]:
+        history = history[:-1]
+        if write:
+            _write_history(client, name, history)
+        return history
+    entry.pop("pending", None)
+    old = entry.pop("from", None)
+    history = history[:-1] + [entry]
+    if write:
+        _write_history(client, name, history)
+        if old is not None:
+            client.set_registered_model_tag(name, PREVIOUS, old)
+        client.set_model_version_tag(name, entry["version"], "forja.promoted_by", entry["by"])
+    return history
 
 
 def resolve(client: mlflow.MlflowClient, uri: str):
