@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 from prefect import task
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tasks import stage
 from model.chat import EOT, SPECIAL_TOKENS
+from model.faults import fault_point
+from tasks import stage
 from tasks.config import TokenizeConfig
 from tasks.reports import publish_counts
 
@@ -121,6 +122,7 @@ def write_shards(rows: np.ndarray, out: Path, split: str, shard_rows: int, vocab
         name = f"{split}-{s:05d}.parquet"
         pq.write_table(pa.table({"tokens": col}), out / name, compression="zstd")
         names.append(name)
+        fault_point("tokenize:shard-written")  # the fault tests kill here: a stage with some shards written
     return names
 
 
