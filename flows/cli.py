@@ -8,7 +8,7 @@
     forja rollback NAME                               move it back to the champion before
     forja models NAME                                 versions, aliases and metrics
     forja history NAME                                every move of champion, whoever made it
-    forja export models:/NAME@ALIAS OUT_DIR           the Hugging Face (Llama) form of a version
+    forja export models:/NAME@ALIAS OUT_DIR [--force] the Hugging Face (Llama) form of a version
 
 Environment is settled before Prefect is imported: its home, results and the
 telemetry switches are read once, at import.
@@ -101,7 +101,9 @@ def parser() -> argparse.ArgumentParser:
     hi.add_argument("--workdir", default=None)
     ex = sub.add_parser("export", help="write a registered version in the Hugging Face format (Llama layout)")
     ex.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    ex.add_argument("out", help="output folder (replaced)")
+    ex.add_argument("out", help="output folder: new, empty, or a previous export (with --force); "
+                    "a folder holding anything else is refused, never deleted")
+    ex.add_argument("--force", action="store_true", help="replace a previous forja export in OUT")
     ex.add_argument("--workdir", default=None)
     return p
 
@@ -143,11 +145,12 @@ def registry_command(args, workdir: Path) -> int:
                 old = registry.promote(client, args.name, args.version)
             print(f"{args.name}: champion {old} -> {args.version} (forja rollback {args.name} moves it back)")
         elif args.command == "export":
-            from model.hf import export
+            from model.hf import check_output, export
 
+            check_output(Path(args.out), args.force)  # refuse before downloading anything
             version = registry.resolve(client, args.model_uri)
             with tempfile.TemporaryDirectory() as tmp:
-                out = export(registry.download(client, version, Path(tmp)), Path(args.out))
+                out = export(registry.download(client, version, Path(tmp)), Path(args.out), replace=args.force)
             print(f"{version.name} version {version.version} -> {out} (AutoModelForCausalLM.from_pretrained)")
         elif args.command == "rollback":
             with registry.registry_lock(workdir, args.name):

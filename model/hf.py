@@ -14,12 +14,21 @@ the export only renames tensors and splits the fused projections:
 
 The output folder holds config.json, generation_config.json, model.safetensors,
 tokenizer.json and tokenizer_config.json: `AutoModelForCausalLM.from_pretrained(folder)`
-and `AutoTokenizer.from_pretrained(folder)` load it.
+and `AutoTokenizer.from_pretrained(folder)` load it; and forja-export.json, the marker that
+lists those files with their sha256. The export never deletes a folder forja did not write:
+it is built in a temporary sibling and renamed into place; an existing output is replaced
+only when it is exactly a previous export (the marker's files, unchanged) and the caller
+asks (replace=True, `forja export --force`), and then atomically (old aside, new in, old
+removed). Anything else there is refused with an error that names the folder.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -62,28 +71,113 @@ def hf_state_dict(state: dict, cfg: ModelConfig) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def export(folder: Path, out: Path) -> Path:
-    """Write the Hugging Face form of a forja model folder to out (replaced when complete)."""
+MARKER = "forja-export.json"
+FORMAT = "forja-hf-export/1"
+
+
+def export(folder: Path, out: Path, replace: bool = False) -> Path:
+    """Write the Hugging Face form of a forja model folder to out.
+
+    out must not exist, be an empty folder, or (with replace=True) hold a previous export;
+    see check_output. It is built in a temporary sibling and renamed in only when complete."""
+    folder, out = Path(folder), Path(out)
+    check_output(out, replace)  # refuse before any work
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))  # ours alone: a fresh name
+    try:
+        write_export(folder, tmp)
+        swap_in(tmp, out, replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_export(folder: Path, dst: Path) -> None:
+    """The export's files, then the marker that lists them, into the empty folder dst."""
     from tokenizers import Tokenizer
 
-    folder, out = Path(folder), Path(out)
     cfg = ModelConfig.load(folder / CONFIG)
     eot = Tokenizer.from_file(str(folder / TOKENIZER)).token_to_id(EOT)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(hf_state_dict(load_file(str(folder / WEIGHTS)), cfg), str(tmp / "model.safetensors"),
+    save_file(hf_state_dict(load_file(str(folder / WEIGHTS)), cfg), str(dst / "model.safetensors"),
               metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(llama_config(cfg, eot), indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(
+    (dst / "config.json").write_text(json.dumps(llama_config(cfg, eot), indent=2))
+    (dst / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size}, indent=2))
-    shutil.copy(folder / TOKENIZER, tmp / "tokenizer.json")
-    (tmp / "tokenizer_config.json").write_text(json.dumps({
+    shutil.copy(folder / TOKENIZER, dst / "tokenizer.json")
+    (dst / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
         "bos_token": EOT, "eos_token": EOT, "unk_token": None, "pad_token": EOT,
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
     }, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    files = {p.name: sha256(p) for p in sorted(dst.iterdir())}
+    (dst / MARKER).write_text(json.dumps({"format": FORMAT, "files": files}, indent=2))
+
+
+def check_output(out: Path, replace: bool) -> None:
+    """Refuse (ValueError naming the folder) an output forja may not write to.
+
+    Free: a path that does not exist, or an empty folder. A previous export (its marker, and
+    exactly the files the marker lists, unchanged) is replaced only when replace is true.
+    Anything else holds something forja did not write, and is never deleted."""
+    out = Path(out)
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ValueError(f"export: {out} exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    why = not_an_export(out)
+    if why:
+        raise ValueError(f"export: {out} is not a previous forja export ({why}); forja never deletes a folder "
+                         "it did not write: choose another --out, or empty that folder yourself")
+    if not replace:
+        raise ValueError(f"export: {out} holds a previous forja export; pass --force to replace it, "
+                         "or choose another --out")
+
+
+def not_an_export(out: Path) -> str | None:
+    """Why the non-empty folder out is not a previous export, or None when it is one."""
+    try:
+        marker = json.loads((out / MARKER).read_text())
+        files = marker["files"] if marker.get("format") == FORMAT else None
+        if not isinstance(files, dict) or MARKER in files or any("/" in str(f) for f in files):
+            raise ValueError
+    except FileNotFoundError:
+        return f"no {MARKER}"
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return f"{MARKER} is not one forja wrote"
+    extra = sorted(p.name for p in out.iterdir() if p.name != MARKER and p.name not in files)
+    if extra:
+        return "holds files an export does not write: " + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+    for name, digest in files.items():
+        p = out / name
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            return f"{name} is not a plain file"
+        if p.exists() and sha256(p) != digest:
+            return f"{name} was changed after the export"
+    return None
+
+
+def swap_in(tmp: Path, out: Path, replace: bool) -> None:
+    """Rename the finished export tmp to out; a previous export there goes aside, then away."""
+    check_output(out, replace)  # again: the folder may have changed while the export was written
+    if not os.path.lexists(out) or not any(out.iterdir()):
+        os.rename(tmp, out)  # replaces an empty folder; fails, deleting nothing, if content appeared meanwhile
+        return
+    aside = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside)  # a checked previous export
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
