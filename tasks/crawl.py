@@ -257,7 +257,7 @@ def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: Docume
                 page = fetcher.get(url)
             except Refused as e:
                 counts[f"refused_{e.reason}"] += 1
-                log.info("crawl: refused %s", e)
+                (log.warning if e.reason == "dns_timeout" else log.info)("crawl: refused %s", e)
                 continue
             except CrawlError:
                 if is_seed:
@@ -322,7 +322,9 @@ def build(cfg: CrawlConfig, out: Path, cache: HttpCache | None = None, fresh_sin
         docs.close()
     if not len(docs):
         hint = ("; the SSRF guard refused a non-public address: set crawl.allow_loopback: true for a server on "
-                "this machine" if counts["refused_non_public_address"] else "; check crawl.seeds and the other sources")
+                "this machine" if counts["refused_non_public_address"] else
+                "; DNS lookups gave no answer within crawl.timeout_s: check this machine's resolver"
+                if counts["refused_dns_timeout"] else "; check crawl.seeds and the other sources")
         raise CrawlError(f"the crawl produced no documents ({dict(counts)}){hint}")
     return {"documents": len(docs), "counts": dict(counts), "text_chars": docs.chars, "content_digest": docs.digest}
 

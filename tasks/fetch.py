@@ -1,27 +1,31 @@
 """Polite, bounded, SSRF-guarded HTTP fetching for the crawl stage.
 
-- robots.txt per RFC 9309: 4xx allows all, 5xx or unreachable disallows the host,
-  Crawl-delay honoured, cached for at most 24 hours.
+- robots.txt per RFC 9309 (protego): the longest matching rule wins, `*` and `$` wildcards,
+  Allow beats Disallow of equal length; 4xx allows all, 5xx or unreachable disallows the
+  host; every redirect hop is checked too (a redirect into a disallowed path is refused,
+  not followed); Crawl-delay honoured (decimals too) up to MAX_CRAWL_DELAY_S, a larger one
+  is capped and logged; cached for at most 24 hours.
 - One request at a time per host with a minimum delay; Retry-After honoured; retries
   with exponential back-off on 5xx, 429, timeouts and connection errors only.
 - Limits: body size (counted after decompression, which is done here in bounded steps,
   so a gzip bomb stops at the limit), a total deadline per fetch (slow drip), at most 5
   redirects, non-HTML refused from the headers before any body is read.
-- SSRF guard: every hop's host is resolved and refused if any address is not public
-  (loopback, private, link-local, reserved, IPv4-mapped IPv6 ...), including numeric
-  spellings such as 2130706433 or 0x7f.0.0.1. Loopback only when allowed in config.
+- SSRF guard (tasks/netguard.py): every hop's host is resolved once, within crawl.timeout_s
+  (a stalled lookup fails that URL as dns_timeout), and refused if any address is not public
+  (loopback, private, link-local, reserved, and the IPv4 inside IPv4-mapped, -compatible,
+  NAT64 and 6to4 IPv6 spellings), numeric spellings such as 2130706433 or 0x7f.0.0.1 too;
+  the connection goes to exactly the addresses checked (no second lookup: no DNS rebinding).
+  Loopback only when allowed in config. Environment proxies are not used (they would resolve
+  the name themselves).
 - Revalidation (with an HttpCache): a page stored before is asked for with If-None-Match /
   If-Modified-Since, a 304 keeps the stored body; one checked since `fresh_since` (within
   the current refresh window) is served from the store without a request.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
-import socket
 import time
-import urllib.robotparser
 import zlib
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -29,7 +33,9 @@ from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+from protego import Protego
 
+from tasks import netguard
 from tasks.config import CrawlConfig
 from tasks.httpcache import Entry, HttpCache
 
@@ -42,6 +48,9 @@ TEXT_TYPES = HTML_TYPES + ("text/plain",)
 MAX_REDIRECTS = 5
 ROBOTS_TTL_S = 24 * 3600
 MAX_RETRY_AFTER_S = 120.0
+# A robots.txt Crawl-delay above this is capped (and logged): one page a minute still lets a
+# crawl finish, while a hostile or mistaken "Crawl-delay: 100000" would stall it for days.
+MAX_CRAWL_DELAY_S = 60.0
 
 
 class CrawlError(RuntimeError):
@@ -53,7 +62,7 @@ class Refused(CrawlError):
 
     def __init__(self, url: str, reason: str, detail: str = ""):
         super().__init__(f"{url}: {reason}{' (' + detail + ')' if detail else ''}")
-        self.url, self.reason = url, reason
+        self.url, self.reason, self.detail = url, reason, detail
 
 
 @dataclass
@@ -74,26 +83,41 @@ def media_type(content_type: str) -> str:
     return content_type.split(";")[0].strip().lower()
 
 
-def public_address_check(url: str, allow_loopback: bool) -> None:
-    """Refuse url unless every address its host resolves to is public (or allowed loopback)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise Refused(url, "scheme", parts.scheme or "none")
-    host = parts.hostname
-    if not host:
-        raise Refused(url, "no_host")
+def public_address_check(url: str, allow_loopback: bool, timeout: float = 15.0) -> netguard.Target:
+    """The vetted target of url (see tasks/netguard.py), or Refused / CrawlError naming why not."""
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise CrawlError(f"{url}: cannot resolve {host} ({e})") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if ip.is_loopback and allow_loopback:
-            continue
-        if not ip.is_global or ip.is_multicast:
-            raise Refused(url, "non_public_address", f"{host} -> {ip}")
+        return netguard.vet(url, allow_loopback, timeout)
+    except netguard.Blocked as e:
+        raise Refused(url, e.reason, e.detail) from None
+    except netguard.Unresolved as e:
+        if e.reason == "dns_timeout":  # not retried: a stalled resolver would stall every retry
+            raise Refused(url, e.reason, e.detail) from None
+        raise CrawlError(f"{url}: {e.detail}") from None
+
+
+@dataclass
+class Robots:
+    """One origin's robots.txt: its rules (None = allow all) or disallow_all, and its delay."""
+
+    rules: Protego | None = None
+    disallow_all: bool = False
+    crawl_delay: float | None = None
+
+    def allows(self, url: str, product: str) -> bool:
+        if self.disallow_all:
+            return False
+        return self.rules is None or self.rules.can_fetch(url, product)
+
+
+def parse_robots(text: str, product: str, origin: str) -> Robots:
+    """The rules of a robots.txt body for crawler `product`, Crawl-delay capped at MAX_CRAWL_DELAY_S."""
+    rules = Protego.parse(text)
+    delay = rules.crawl_delay(product)
+    if delay is not None and delay > MAX_CRAWL_DELAY_S:
+        log.warning("crawl: %s/robots.txt asks for Crawl-delay %g s; capped at %g s (fetch.MAX_CRAWL_DELAY_S)",
+                    origin, delay, MAX_CRAWL_DELAY_S)
+        delay = MAX_CRAWL_DELAY_S
+    return Robots(rules, crawl_delay=delay)
 
 
 class BoundedDecoder:
@@ -144,20 +168,24 @@ class Fetcher:
 
     cfg: CrawlConfig
     client: httpx.Client = field(init=False)
-    robots: dict[str, tuple[float, urllib.robotparser.RobotFileParser]] = field(default_factory=dict)
+    robots: dict[str, tuple[float, Robots]] = field(default_factory=dict)
     last_hit: dict[str, float] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)  # origin -> why its robots.txt failed
     cache: HttpCache | None = None  # revalidation store; None = plain fetching
     fresh_since: float = math.inf  # entries checked at or after this time are reused without a request
     cache_key: Callable[[str], str | None] = lambda url: url  # None: never cache this URL
+    stalled: dict[str, str] = field(default_factory=dict)  # host -> why its DNS lookup stalled
 
     def __post_init__(self):
+        self.pins = netguard.PinnedBackend()  # connections go only where the guard vetted
         self.client = httpx.Client(
-            timeout=httpx.Timeout(self.cfg.timeout_s), follow_redirects=False, verify=True,
+            transport=netguard.PinnedTransport(self.pins, httpx.Limits(max_connections=1, max_keepalive_connections=1)),
+            timeout=httpx.Timeout(self.cfg.timeout_s), follow_redirects=False, trust_env=False,
             headers={"User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate",
                      "Accept": "text/html,application/xhtml+xml,text/plain;q=0.8,*/*;q=0.1"},
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         )
+        # RFC 9309 matches a group by the crawler's product token ("forja"), not the whole User-Agent.
+        self.product = self.cfg.user_agent.split("/")[0].split()[0] if self.cfg.user_agent.strip() else "*"
 
     def close(self) -> None:
         self.client.close()
@@ -168,16 +196,23 @@ class Fetcher:
             time.sleep(wait)
         self.last_hit[host] = time.monotonic()
 
-    def get(self, url: str, accept: tuple[str, ...] = TEXT_TYPES, conditional: bool = True) -> Page:
+    def get(self, url: str, accept: tuple[str, ...] = TEXT_TYPES, conditional: bool = True,
+            robots: bool = True) -> Page:
         """Fetch url following up to 5 redirects, each hop guarded; see the module docstring.
 
-        conditional=False bypasses the revalidation store (robots.txt)."""
-        for _ in range(MAX_REDIRECTS + 1):
+        The caller checks robots.txt for url itself (allowed()); each redirect target is checked
+        here. conditional=False bypasses the revalidation store; robots=False (robots.txt itself)
+        skips the robots check of redirect targets."""
+        for hop in range(MAX_REDIRECTS + 1):
+            if hop and robots and not self.allowed(url):
+                why = self.why_host_skipped(url)  # the target host's robots.txt failed
+                raise Refused(url, "robots_redirect", "redirected into a path robots.txt disallows"
+                              + (f": {why}" if why else ""))
             key = self.cache_key(url) if self.cache is not None and conditional else None
             entry = self.cache.load(key) if key else None
             if entry is not None and entry.body is not None and entry.checked_at >= self.fresh_since:
                 return Page(url, entry.status, entry.content_type, entry.body, "reused", entry.fetched_at)
-            public_address_check(url, self.cfg.allow_loopback)
+            self._vet(url)
             page = self._get_one(url, accept, entry)
             if page.status in REDIRECT_STATUS:
                 url = page.url
@@ -186,6 +221,18 @@ class Fetcher:
                 page = self._remember(key, entry, page)
             return page
         raise Refused(url, "too_many_redirects", f"more than {MAX_REDIRECTS}")
+
+    def _vet(self, url: str) -> None:
+        """Resolve and check url's host once, then pin its connections to what was checked."""
+        host = urlsplit(url).hostname or ""
+        if host in self.stalled:  # asked once already: do not wait for it again
+            raise Refused(url, "dns_timeout", self.stalled[host])
+        try:
+            self.pins.pin(public_address_check(url, self.cfg.allow_loopback, self.cfg.timeout_s))
+        except Refused as e:
+            if e.reason == "dns_timeout":
+                self.stalled[host] = e.detail
+            raise
 
     def _remember(self, key: str, entry: Entry | None, page: Page) -> Page:
         """Store a 200 or turn a 304 into the stored page, noting its freshness."""
@@ -250,36 +297,34 @@ class Fetcher:
             raise Refused(url, "bad_compression", str(e)) from None
         return bytes(body)
 
-    def _robots_for(self, url: str) -> urllib.robotparser.RobotFileParser:
+    def _robots_for(self, url: str) -> Robots:
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         cached = self.robots.get(origin)
         if cached and time.time() - cached[0] < ROBOTS_TTL_S:
             return cached[1]
-        rp = urllib.robotparser.RobotFileParser(origin + "/robots.txt")
         try:
-            page = self.get(origin + "/robots.txt", accept=("text/plain", "text/html", ""), conditional=False)
+            page = self.get(origin + "/robots.txt", accept=("text/plain", "text/html", ""), conditional=False,
+                            robots=False)
             if page.status >= 500:
-                rp.disallow_all = True
+                robots = Robots(disallow_all=True)
             elif page.status >= 400:
-                rp.allow_all = True
+                robots = Robots()
             else:
-                rp.parse(page.body.decode("utf-8", "replace").splitlines())
+                robots = parse_robots(page.body.decode("utf-8", "replace"), self.product, origin)
         except Refused as e:
-            if e.reason == "non_public_address":  # the host itself is refused: say so, per URL
+            if e.reason in ("non_public_address", "dns_timeout"):  # the host itself is refused: say so, per URL
                 raise
-            if e.reason == "content_type":  # robots.txt served as something odd: treat as absent
-                rp.allow_all = True
-            else:
-                rp.disallow_all = True
+            # robots.txt served as something odd: treat as absent; other refusals: stay away
+            robots = Robots(disallow_all=e.reason != "content_type")
         except CrawlError as e:  # 5xx after retries or unreachable: skip the host (RFC 9309 2.3.1.4)
-            rp.disallow_all = True
+            robots = Robots(disallow_all=True)
             self.unreachable[origin] = str(e)
-        self.robots[origin] = (time.time(), rp)
-        return rp
+        self.robots[origin] = (time.time(), robots)
+        return robots
 
     def allowed(self, url: str) -> bool:
-        return self._robots_for(url).can_fetch(self.cfg.user_agent, url)
+        return self._robots_for(url).allows(url, self.product)
 
     def why_host_skipped(self, url: str) -> str | None:
         """Why url's host is skipped (its robots.txt failed after retries), or None."""
@@ -287,7 +332,7 @@ class Fetcher:
         return self.unreachable.get(f"{parts.scheme}://{parts.netloc}")
 
     def delay_for(self, url: str) -> float:
+        """The pause between two requests to url's host: crawl.delay_s or robots' (capped) Crawl-delay."""
         parts = urlsplit(url)
         cached = self.robots.get(f"{parts.scheme}://{parts.netloc}")
-        crawl_delay = cached[1].crawl_delay(self.cfg.user_agent) if cached else None
-        return max(self.cfg.delay_s, float(crawl_delay or 0))
+        return max(self.cfg.delay_s, (cached[1].crawl_delay if cached else None) or 0.0)
