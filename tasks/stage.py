@@ -7,6 +7,7 @@ would take for finished.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import inspect
@@ -20,10 +21,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from pydantic import BaseModel
+from dataclasses import dataclass
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.filesystems import LocalFileSystem
+from prefect.serializers import Serializer
+from prefect.utilities.hashing import hash_objects
+from pydantic import BaseModel, Field
 
 # One file digest for stage manifests and checkpoints (model.checkpoint imports no torch at load).
 from model.checkpoint import file_sha256 as sha256_file
+from model.faults import fault_point
 
 log = logging.getLogger("forja.stage")
 MANIFEST = "manifest.json"
@@ -50,6 +58,15 @@ class Manifest(BaseModel):
 
     def path(self, name: str) -> Path:
         return Path(self.folder) / name
+
+    def portable(self) -> dict:
+        """This manifest as JSON with its folder relative to the work directory
+        (artifacts/<stage>/<key>), so a moved work directory still finds it."""
+        data = self.model_dump(mode="json")
+        parts = Path(self.folder).parts
+        if parts[-3:] == ("artifacts", self.stage, self.key):
+            data["folder"] = str(Path(*parts[-3:]))
+        return data
 
     def files_matching(self, prefix: str) -> list[Path]:
         return [self.path(f.path) for f in self.files if f.path.startswith(prefix)]
@@ -87,6 +104,68 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class StageDiskFull(OSError):
+    """The disk filled up while a stage was building: retrying cannot help until space is freed."""
+
+
+def read_manifest(folder: str | Path) -> Manifest | None:
+    """The manifest of a stage folder, its `folder` set to where the folder lies now; None
+    (with a warning) when the file is missing, empty or not a manifest: an unfinished folder."""
+    folder = Path(folder)
+    try:
+        m = Manifest.model_validate_json((folder / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable %s (%s): the stage is not finished and will be rebuilt",
+                    folder, MANIFEST, str(e).splitlines()[0])
+        return None
+    m.folder = str(folder.resolve())
+    return m
+
+
+def damage(m: Manifest, folder: str | Path | None = None, full: bool = False) -> list[str]:
+    """What is wrong with a stage folder against its manifest ([] when intact).
+
+    The cheap check (every cache hit): each listed file exists with its size and was not
+    modified after the manifest was written. full=True also compares every sha256
+    (`forja verify`, tests): it reads all the data.
+    """
+    folder = Path(folder or m.folder)
+    try:
+        written = (folder / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return [f"{folder / MANIFEST} is missing"]
+    problems = []
+    for f in m.files:
+        p = folder / f.path
+        try:
+            st = p.stat()
+        except OSError:
+            problems.append(f"{f.path} is missing")
+            continue
+        if st.st_size != f.bytes:
+            problems.append(f"{f.path} has {st.st_size} bytes, the manifest says {f.bytes}")
+        elif st.st_mtime_ns > written:
+            problems.append(f"{f.path} was modified after the manifest was written")
+        elif full and sha256_file(p) != f.sha256:
+            problems.append(f"{f.path} does not match its sha256")
+    return problems
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Full check of a finished stage folder, every file's sha256 included ([] when intact)."""
+    m = read_manifest(folder)
+    return [f"{Path(folder) / MANIFEST} is missing or unreadable"] if m is None else damage(m, folder, full=True)
+
+
+def _set_aside(folder: Path, why: str) -> None:
+    """Move a damaged or unfinished stage folder out of the cache's way (kept for a look)."""
+    aside = folder.parent / f".damaged-{folder.name}-{uuid.uuid4().hex[:8]}"
+    log.warning("%s: %s; moved to %s and rebuilding", folder, why, aside)
+    os.rename(folder, aside)
+
+
 def stage_dir(workdir: str | Path, stage: str, key: str) -> Path:
     return Path(workdir) / "artifacts" / stage / key
 
@@ -101,22 +180,31 @@ def run_stage(
 ) -> Manifest:
     """Return the finished folder's manifest, or build it in a temp folder and rename it.
 
-    build(tmp_folder, key) writes the stage's files and returns its stats.
+    build(tmp_folder, key) writes the stage's files and returns its stats. A finished folder
+    is trusted only when its files still match its manifest (damage()); a damaged one, or
+    one with an empty or corrupt manifest, is moved aside and rebuilt.
     """
     cfg = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
     lineage = {m.stage: m.key for m in inputs}
     version = code_version(code)
     key = stage_key(stage, cfg, lineage, version)
     final = stage_dir(workdir, stage, key)
-    if (final / MANIFEST).is_file():
-        log.info("%s: cache hit, %s", stage, final)
-        return Manifest.model_validate_json((final / MANIFEST).read_text())
-    if final.exists():  # no manifest: not ours to trust (a hand-made or foreign folder)
-        shutil.rmtree(final)
+    if final.exists():
+        found = read_manifest(final)
+        problems = ["no readable manifest"] if found is None else damage(found, final)
+        if not problems:
+            log.info("%s: cache hit, %s", stage, final)
+            return found
+        if found is None and not (final / MANIFEST).exists():
+            shutil.rmtree(final)  # no manifest: not ours to trust (a hand-made or foreign folder)
+        else:
+            _set_aside(final, "; ".join(problems[:3]))
+    fault_point(f"stage:{stage}:start")
     tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         stats = build(tmp, key)
+        fault_point(f"stage:{stage}:built")
         files = [
             FileEntry(path=str(p.relative_to(tmp)), bytes=p.stat().st_size, sha256=sha256_file(p))
             for p in sorted(tmp.rglob("*"))
@@ -126,29 +214,184 @@ def run_stage(
             stage=stage, key=key, folder=str(final.resolve()), inputs=lineage, config=cfg,
             code_version=version, created_at=time.time(), files=files, stats=stats,
         )
-        write_json_atomic(tmp / MANIFEST, manifest.model_dump(mode="json"))
+        write_json_atomic(tmp / MANIFEST, manifest.portable())
+        fault_point(f"stage:{stage}:manifest")
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / MANIFEST).is_file():  # lost a race to a concurrent run: theirs is as good
+            if read_manifest(final) is None:  # lost a race to a concurrent run: theirs is as good
                 raise
             shutil.rmtree(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StageDiskFull(
+                e.errno, f"{stage}: the disk is full ({e.strerror}) while building {final}; the partial "
+                f"folder was removed. Free space on the filesystem holding {Path(workdir).resolve()} (old "
+                f"folders under artifacts/, checkpoints) or use a work directory on a larger disk, then rerun",
+                str(final)) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point(f"stage:{stage}:renamed")
     log.info("%s: wrote %s", stage, final)
     return manifest
 
 
 def cache_policy(*modules: str | Path):
-    """Prefect's cache for a stage task: the same inputs (config slice, upstream manifests,
-    workdir), task source and stage code (the named modules, as in the stage key) give a
-    Cached state without running the body. TASK_SOURCE alone would miss a change in the
-    plain functions a task calls."""
-    from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+    """Prefect's cache for a stage task: the same inputs, task source and stage code (the
+    named modules, as in the stage key) give a Cached state without running the body.
+    TASK_SOURCE alone would miss a change in the plain functions a task calls.
 
-    class StageCode(CachePolicy):
-        def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-            return code_version(list(modules))
+    Inputs are hashed portably: an upstream manifest by its (stage, key), which already
+    hashes its whole lineage, and no absolute work directory, so a moved work directory
+    keeps its cache."""
+    return StageInputs() + TASK_SOURCE + StageCode(modules=tuple(modules))
 
-    return INPUTS + TASK_SOURCE + StageCode()
+
+def task_options(*code: str | Path) -> dict:
+    """The keyword arguments of every stage's @task: the cache above, and results persisted
+    as JSON manifests in a storage that refuses any record forja did not write (no pickle is
+    ever loaded) and reports a damaged stage folder as a cache miss (the task reruns)."""
+    return {"persist_result": True, "cache_policy": cache_policy(*code).configure(key_storage=StageRecords()),
+            "result_serializer": ManifestSerializer()}
+
+
+# -- Prefect's side of the stage contract: portable cache keys, JSON-only results ---------------
+
+def _portable(value: Any, workdir: str) -> Any:
+    """A task input as the cache key sees it: manifests by (stage, key), models as JSON, and
+    paths under the work directory relative to it."""
+    if isinstance(value, Manifest):
+        return {"stage": value.stage, "key": value.key}
+    if isinstance(value, BaseModel):
+        return _portable(value.model_dump(mode="json"), workdir)
+    if isinstance(value, dict):
+        return {str(k): _portable(v, workdir) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v, workdir) for v in value]
+    if isinstance(value, str) and workdir and (value == workdir or value.startswith(workdir + os.sep)):
+        return "$WORKDIR" + value[len(workdir):]
+    return value
+
+
+@dataclass
+class StageInputs(CachePolicy):
+    """The task's inputs, hashed without the absolute work directory (see _portable)."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        workdir = str(inputs.get("workdir") or "")
+        kept = {k: _portable(v, workdir) for k, v in (inputs or {}).items() if k != "workdir"}
+        return hash_objects(kept, raise_on_failure=True)
+
+
+@dataclass
+class StageCode(CachePolicy):
+    """The source of the modules (and files) that implement a stage, as in its stage key."""
+
+    modules: tuple = ()
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        return code_version(list(self.modules))
+
+
+class ManifestSerializer(Serializer):
+    """Stage results as JSON manifests with the folder relative to the work directory; loads
+    builds nothing but a Manifest, its folder resolved against the task's work directory."""
+
+    type: str = Field(default="forja-manifest", frozen=True)
+
+    def dumps(self, obj: Any) -> bytes:
+        if not isinstance(obj, Manifest):
+            raise TypeError(f"a stage task must return a Manifest, not {type(obj).__name__}")
+        return json.dumps(obj.portable()).encode()
+
+    def loads(self, blob: bytes) -> Manifest:
+        m = Manifest.model_validate_json(blob)
+        if not Path(m.folder).is_absolute() and (wd := _task_workdir()):
+            m.folder = str((Path(wd) / m.folder).resolve())
+        return m
+
+
+SERIALIZER_RECORD = {"type": "forja-manifest"}
+RECORDS = "forja-stage-records"  # beside Prefect's results: the records of stage results
+
+
+class StageRecords(LocalFileSystem):
+    """Where Prefect keeps the metadata of stage results (the cache policy's key_storage):
+    the one door through which a cached stage result comes back, so it vets each record.
+
+    Prefect takes the serializer from the stored record itself: a planted record saying
+    "pickle" would be unpickled (by ResultStore.exists() already). With this metadata storage
+    Prefect reads the record here first, then the result bytes, and loads them with the
+    record's serializer. A record is returned only if that serializer is exactly forja's JSON
+    manifest serializer and the manifest's folder (resolved against the task's current work
+    directory) is intact; anything else reads as absent, so the task runs, run_stage rebuilds
+    what is damaged and the record is rewritten. Paths are resolved at read time under
+    Prefect's local results path (PREFECT_RESULTS_LOCAL_STORAGE_PATH), so a results folder
+    moved with its work directory keeps its hits.
+    """
+
+    _block_type_name = "Forja Stage Records"
+
+    def _resolve_path(self, path: str) -> Path:
+        if not self.basepath:
+            return LocalFileSystem(basepath=str(_results_root() / RECORDS))._resolve_path(path)
+        return super()._resolve_path(path)
+
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes | None:
+        return vet_record(self._resolve_path(path), _task_workdir())
+
+    async def aread_path(self, path: str) -> bytes | None:
+        return vet_record(self._resolve_path(path), _task_workdir())
+
+
+def _results_root() -> Path:
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH
+
+    return Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()).expanduser().resolve()
+
+
+def _task_workdir() -> str | None:
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    wd = (ctx.parameters or {}).get("workdir") if ctx is not None else None
+    return str(wd) if wd else None
+
+
+def vet_record(path: Path, workdir: str | None) -> bytes | None:
+    """The stage result record (metadata) at path, its storage_key pointing at the result file
+    where it lies now; None when it is absent, not forja's (any other serializer: its result
+    is never deserialized), or the stage folder it names is damaged."""
+    try:
+        meta = json.loads(path.read_bytes())
+        if meta.get("serializer") != SERIALIZER_RECORD:
+            log.warning("%s: a result record forja did not write (serializer %r): ignored, the stage reruns",
+                        path, meta.get("serializer"))
+            return None
+        result = Path(meta["storage_key"])
+        if not result.is_file():  # the results folder moved (with its work directory)
+            result = path.parent.parent / result.name
+        m = Manifest.model_validate_json(result.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("%s: unreadable stage result record (%s): ignored, the stage reruns", path, e)
+        return None
+    folder = Path(m.folder)
+    if not folder.is_absolute():
+        if workdir is None:
+            return None
+        folder = Path(workdir) / folder
+    on_disk = read_manifest(folder)
+    problems = (["no readable manifest"] if on_disk is None else
+                ["the manifest names other files"] if (on_disk.key, on_disk.files) != (m.key, m.files) else
+                damage(on_disk, folder))
+    if problems:
+        log.warning("cached %s result %s: its folder %s is damaged (%s): the stage reruns",
+                    m.stage, m.key, folder, "; ".join(problems[:3]))
+        return None
+    meta["storage_key"] = str(result.resolve())
+    return json.dumps(meta).encode()
