@@ -3,8 +3,10 @@
     <|endoftext|><|user|>\n{question}<|end|>\n<|assistant|>\n{answer}<|end|>\n ...
 
 The role markers and <|end|> are special tokens that the tokenize stage reserves in every
-vocabulary (SPECIAL_TOKENS), so they are single ids that no text can produce; their
-embeddings learn their meaning during fine-tuning. The leading <|endoftext|> is the
+vocabulary (SPECIAL_TOKENS); their embeddings learn their meaning during fine-tuning. Only
+the template places them: message text is encoded with special tokens disabled
+(plain_tokenizer), so a literal "<|end|>" typed by a user is the bytes of that text,
+never the id that closes a message. The leading <|endoftext|> is the
 document boundary the model saw in pretraining.
 """
 from __future__ import annotations
@@ -15,6 +17,16 @@ EOT, PAD = "<|endoftext|>", "<|pad|>"
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
 SPECIAL_TOKENS = [EOT, PAD, *(f"<|{r}|>" for r in ROLES), END]
+
+
+def plain_tokenizer(tokenizer):
+    """A copy of tokenizer that encodes special-token text ("<|end|>", "<|endoftext|>") as plain
+    text, for text that comes from users or data; the original is left as it is."""
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    plain.encode_special_tokens = True
+    return plain
 
 
 @dataclass
@@ -31,12 +43,13 @@ class ChatTemplate:
             raise ValueError(f"the tokenizer has no {missing} tokens: it was trained before forja reserved chat "
                              "tokens; tokenize and pretrain again to fine-tune on conversations")
         self.tok = tokenizer
+        self.plain = plain_tokenizer(tokenizer)  # message text: never a special token
         self.special = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        self.newline = tokenizer.encode("\n").ids
+        self.newline = self.plain.encode("\n").ids
 
     def _turn(self, role: str, text: str) -> tuple[list[int], list[int], list[int]]:
         """(header ids, content ids, closing ids) of one message."""
-        return [self.special[f"<|{role}|>"], *self.newline], self.tok.encode(text).ids, [self.special[END], *self.newline]
+        return [self.special[f"<|{role}|>"], *self.newline], self.plain.encode(text).ids, [self.special[END], *self.newline]
 
     def encode(self, messages: list[dict], max_len: int | None = None) -> Encoded:
         """A whole conversation; the loss mask covers each assistant message and its <|end|>."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_model, save_file
 from tokenizers import Tokenizer
 
-from model.chat import EOT, ChatTemplate
+from model.chat import EOT, ChatTemplate, plain_tokenizer
 from model.config import ModelConfig
 from model.gpt import GPT
 
@@ -111,10 +112,22 @@ def fit_prompt(ids: list[int], room: int, where: str = "prompt") -> list[int]:
     return ids
 
 
+class DeadlineExceeded(TimeoutError):
+    """Generation stopped because the request's time ran out (checked before every step)."""
+
+    def __init__(self, steps: int, max_new_tokens: int, over_s: float):
+        super().__init__(f"generation passed its deadline by {over_s:.2f} s after {steps} of {max_new_tokens} "
+                         "new tokens and was stopped")
+        self.steps = steps
+
+
 @torch.inference_mode()  # cheaper than no_grad for the many small views of decoding
 def generate(model: GPT, prompts: list[list[int]], s: Sampling, stop_id: int | None = None,
-             use_cache: bool = True) -> list[list[int]]:
+             use_cache: bool = True, deadline: float | None = None) -> list[list[int]]:
     """New token ids for a batch of prompts, left-padded to one length.
+
+    deadline (a time.monotonic() value) is checked before every forward pass: a request whose
+    time has run out raises DeadlineExceeded instead of computing tokens nobody will read.
 
     With use_cache the keys and values of past positions are kept (one new position per
     step); without it every step recomputes the whole sequence, which gives the same
@@ -136,7 +149,9 @@ def generate(model: GPT, prompts: list[list[int]], s: Sampling, stop_id: int | N
         if use_cache else None
     seq, steps = x, []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(s.max_new_tokens):
+    for step in range(s.max_new_tokens):
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(step, s.max_new_tokens, time.monotonic() - deadline)
         logits = model(x if use_cache else seq, cache=cache, pad=pad)[:, -1, :]
         nxt = pick(logits, s, generators)
         steps.append(nxt)
@@ -153,18 +168,31 @@ def generate(model: GPT, prompts: list[list[int]], s: Sampling, stop_id: int | N
     return result
 
 
+class PromptEncoder:
+    """Prompts (user text) to token ids: plain text, or a user message in the chat template.
+    Special-token text in a prompt stays text, so no prompt can forge a document boundary or a
+    chat marker. stop_id is the token that ends a reply."""
+
+    def __init__(self, tokenizer: Tokenizer, chat: bool = False):
+        self.template = ChatTemplate(tokenizer) if chat else None
+        self.plain = self.template.plain if self.template else plain_tokenizer(tokenizer)
+        self.stop_id = self.template.stop_id if self.template else tokenizer.token_to_id(EOT)
+
+    def __call__(self, prompts: list[str]) -> list[list[int]]:
+        if self.template:
+            return [self.template.prompt([{"role": "user", "content": p}]) for p in prompts]
+        return [e.ids for e in self.plain.encode_batch(prompts)]
+
+
 def generate_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], s: Sampling | None = None,
-                  batch_size: int = 8, chat: bool = False) -> list[str]:
+                  batch_size: int = 8, chat: bool = False, deadline: float | None = None) -> list[str]:
     """A continuation of each prompt, in batches; a fixed seed gives the same texts. With chat,
     each prompt is a user message in the chat template and the reply is the continuation."""
     s = s or Sampling()
-    template = ChatTemplate(tokenizer) if chat else None
-    stop = template.stop_id if template else tokenizer.token_to_id(EOT)
+    encode = PromptEncoder(tokenizer, chat)
     model.eval()
     texts = []
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        ids = [template.prompt([{"role": "user", "content": p}]) if template else tokenizer.encode(p).ids
-               for p in chunk]
-        texts += [tokenizer.decode(t) for t in generate(model, ids, s, stop)]
+        ids = encode(prompts[i : i + batch_size])
+        texts += [tokenizer.decode(t) for t in generate(model, ids, s, encode.stop_id, deadline=deadline)]
     return texts
