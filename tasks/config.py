@@ -256,6 +256,8 @@ class FinetuneConfig(Section):
     gate_direction: Literal["lower", "higher"] = "lower"
     gate_margin: float = Field(0.0, ge=0)
     seed: int = 0
+    scrub_pii: bool = Field(True, description="replace e-mails, IPs, phones and CPFs in the conversations with "
+                                              "<TYPE> placeholders before training (normalize's scrubber)")
 
 
 class ForjaConfig(Section):

@@ -1,9 +1,10 @@
 """finetune: specialise a registered model on conversations.
 
 Three stages, each a folder with a manifest like the pipeline's:
-  sft-data   the base version downloaded (weights sha256-checked) and the conversations
-             rendered through the chat template: token rows, right-padded, with a loss
-             mask over the assistant's words (Parquet, plus .npy copies to memory-map)
+  sft-data   the base version downloaded (weights sha256-checked) and the conversations,
+             PII scrubbed as the corpus was (finetune.scrub_pii), rendered through the chat
+             template: token rows, right-padded, with a loss mask over the assistant's words
+             (Parquet, plus .npy copies to memory-map)
   finetune   model.train under the deepspeed launcher from the base weights (all of
              them, or LoRA adapters merged at the end), tracked in MLflow
   then the suites are scored on the base and the fine-tuned model side by side, and the
@@ -18,6 +19,7 @@ import json
 import logging
 import random
 import shutil
+from collections import Counter
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +38,7 @@ from model.generate import CONFIG, TOKENIZER
 from tasks import pretrain as pretrain_task
 from tasks import registry, stage, tracking
 from tasks.config import FinetuneConfig
+from tasks.pii import scrub
 from tasks.reports import publish_counts
 from tasks.suites import jsonl_lines
 
@@ -73,15 +76,38 @@ def build_data(cfg: FinetuneConfig, workdir: str, out: Path) -> dict:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(out / "base" / TOKENIZER))
-    template = ChatTemplate(tok)
     block = ModelConfig.load(out / "base" / CONFIG).block_size
-    seq_len = min(cfg.seq_len or block, block)
-    convs = read_conversations(data_file(cfg.data))
+    stats = {"base_model": f"{version.name}/{version.version}", "base_weights_sha256": version.tags.get("weights_sha256")}
+    return stats | write_sft_data(cfg, tok, min(cfg.seq_len or block, block), out)
+
+
+def scrub_conversations(convs: list[list[dict]], enabled: bool) -> tuple[list[list[dict]], Counter]:
+    """Every message's content through the normalize stage's PII scrubber (the same rules the
+    pretraining corpus passed), and how many of each kind were replaced; unchanged when off."""
+    counts: Counter = Counter()
+    if not enabled:
+        return convs, counts
+    out = []
+    for msgs in convs:
+        clean = []
+        for m in msgs:
+            text, found = scrub(m["content"])
+            counts.update(found)
+            clean.append({**m, "content": text})
+        out.append(clean)
+    return out, counts
+
+
+def write_sft_data(cfg: FinetuneConfig, tok, seq_len: int, out: Path) -> dict:
+    """Render cfg.data's conversations through the chat template into train/val rows in out
+    (Parquet plus .npy copies), and return the counts the manifest keeps."""
+    template = ChatTemplate(tok)
+    convs, pii = scrub_conversations(read_conversations(data_file(cfg.data)), cfg.scrub_pii)
     random.Random(cfg.seed).shuffle(convs)
     n_val = max(1, round(cfg.val_fraction * len(convs)))
     pad = tok.token_to_id(PAD)
-    stats = {"base_model": f"{version.name}/{version.version}", "base_weights_sha256": version.tags.get("weights_sha256"),
-             "seq_len": seq_len, "truncated": 0, "learned_tokens": {}}
+    stats = {"seq_len": seq_len, "truncated": 0, "learned_tokens": {}, "scrub_pii": cfg.scrub_pii,
+             "pii_replaced": dict(pii)}
     for name, part in (("val", convs[:n_val]), ("train", convs[n_val:])):
         rows = np.full((len(part), seq_len + 1), pad, dtype=np.int64)
         mask = np.zeros((len(part), seq_len + 1), dtype=bool)
@@ -98,14 +124,14 @@ def build_data(cfg: FinetuneConfig, workdir: str, out: Path) -> dict:
     return stats
 
 
-DATA_CODE = ("tasks.finetune", "model.chat")
+DATA_CODE = ("tasks.finetune", "tasks.pii", "model.chat")
 
 
 @task(name="sft-data", persist_result=True, cache_policy=stage.cache_policy(*DATA_CODE))
 def sft_data(cfg: FinetuneConfig, workdir: str, base_sha256: str, data_sha256: str) -> stage.Manifest:
     """Download the base version and render the conversations (the digests key the cache)."""
     key_cfg = {"base_model": cfg.base_model, "base_sha256": base_sha256, "data_sha256": data_sha256,
-               "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+               "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "scrub_pii": cfg.scrub_pii}
     m = stage.run_stage("sft-data", key_cfg, [], workdir, lambda out, key: build_data(cfg, workdir, out), DATA_CODE)
     publish_counts("sft-data", m)
     return m
@@ -135,7 +161,9 @@ def build_training(cfg: FinetuneConfig, data: stage.Manifest, workdir: str, expe
         run_file.write_text(run.info.run_id)
         if not run_id:
             mlflow.log_params({f"finetune.{k}": v for k, v in t.model_dump().items() if k not in ("preset",)})
-            mlflow.log_params({"finetune.lora_rank": cfg.lora.rank, "finetune.base_model": data.stats["base_model"]})
+            mlflow.log_params({"finetune.lora_rank": cfg.lora.rank, "finetune.base_model": data.stats["base_model"],
+                               "finetune.scrub_pii": data.config.get("scrub_pii", cfg.scrub_pii),
+                               "finetune.pii_replaced": json.dumps(data.stats.get("pii_replaced", {}), sort_keys=True)})
             tracking.log_token_inputs(data)  # the rendered conversations, train and validation
             mlflow.set_tags({"forja.stage.sft-data": data.key, "forja.stage.finetune": key,
                              "forja.parent": data.stats["base_model"], **tracking.prefect_tags()})

@@ -64,7 +64,7 @@ def measure(positives, negatives) -> tuple[dict, float]:
 
 
 def test_recall_and_false_positives_on_the_labelled_pt_br_set():
-    positives, negatives = labelled_set(seed=2024, per_type=120, n_negatives=300)
+    positives, negatives = labelled_set(seed=2024, per_type=250, n_negatives=600)
     recall, fp_rate = measure(positives, negatives)
     assert set(recall) == set(KINDS)
     assert min(recall["EMAIL"], recall["IP"], recall["CPF"]) >= 0.99, recall
