@@ -127,12 +127,16 @@ def write_sft_data(cfg: FinetuneConfig, tok, seq_len: int, out: Path) -> dict:
 DATA_CODE = ("tasks.finetune", "tasks.pii", "model.chat")
 
 
+def data_key_config(cfg: FinetuneConfig, base_sha256: str, data_sha256: str) -> dict:
+    """What the rendered data depends on: the stage's key and its manifest's config."""
+    return {"base_model": cfg.base_model, "base_sha256": base_sha256, "data_sha256": data_sha256,
+            "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "scrub_pii": cfg.scrub_pii}
+
+
 @task(name="sft-data", persist_result=True, cache_policy=stage.cache_policy(*DATA_CODE))
 def sft_data(cfg: FinetuneConfig, workdir: str, base_sha256: str, data_sha256: str) -> stage.Manifest:
     """Download the base version and render the conversations (the digests key the cache)."""
-    key_cfg = {"base_model": cfg.base_model, "base_sha256": base_sha256, "data_sha256": data_sha256,
-               "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "scrub_pii": cfg.scrub_pii}
-    m = stage.run_stage("sft-data", key_cfg, [], workdir, lambda out, key: build_data(cfg, workdir, out), DATA_CODE)
+    m = stage.run_stage("sft-data", data_key_config(cfg, base_sha256, data_sha256), [], workdir, lambda out, key: build_data(cfg, workdir, out), DATA_CODE)
     publish_counts("sft-data", m)
     return m
 

@@ -47,3 +47,13 @@ def test_the_switch_turns_scrubbing_off(tmp_path, tokenizer):
     text, stats = render(tmp_path, tokenizer, scrub_pii=False)
     assert EMAIL in text and CPF in text and PHONE in text
     assert stats["pii_replaced"] == {}
+
+
+def test_the_switch_is_part_of_the_data_stage_key():
+    from tasks.stage import stage_key
+
+    on = FinetuneConfig(base_model="models:/m@champion", data="x.jsonl")
+    off = on.model_copy(update={"scrub_pii": False})
+    keys = [finetune.data_key_config(c, "b" * 64, "d" * 64) for c in (on, off)]
+    assert keys[0]["scrub_pii"] is True and keys[1]["scrub_pii"] is False
+    assert stage_key("sft-data", keys[0], {}, "v") != stage_key("sft-data", keys[1], {}, "v")
