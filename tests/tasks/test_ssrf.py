@@ -159,3 +159,41 @@ def test_a_stalled_dns_lookup_gives_up_within_the_timeout(monkeypatch, tmp_path)
     sink.close()
     assert time.monotonic() - t < 1.5  # the host is not asked again after it stalled once
     assert counts["refused_dns_timeout"] == 2
+
+
+def test_a_pinned_connection_keeps_the_host_name_for_host_header_sni_and_certificate(monkeypatch, tmp_path):
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-subj", "/CN=pinned.test", "-addext", "subjectAltName=DNS:pinned.test", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    seen = {}
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.sni_callback = lambda sock, name, _: seen.update(sni=name)  # None: go on
+
+    class Tls(Hits):
+        def do_GET(self):
+            seen["host"] = self.headers["host"]
+            super().do_GET()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Tls)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    asked = fake_dns(monkeypatch, "pinned.test", lambda n, p: infos(p, "127.0.0.1"))
+    fake_dns(monkeypatch, "other.test", lambda n, p: infos(p, "127.0.0.1"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test's own certificate
+    f = fetcher(allow_loopback=True)
+    try:
+        assert f.get(f"https://pinned.test:{port}/page.html").status == 200
+        assert seen == {"sni": "pinned.test", "host": f"pinned.test:{port}"}
+        with pytest.raises(CrawlError, match="other.test"):  # the certificate is checked against the name
+            f.get(f"https://other.test:{port}/page.html")
+    finally:
+        f.close()
+        server.shutdown()
+        server.server_close()
+    assert len(asked) == 1  # one lookup, then the pinned address
