@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -52,13 +53,15 @@ def retry_delay_scale() -> float:
 
 def worth_retrying(task, task_run, state) -> bool:
     """False for errors a retry cannot mend: bad input or config (ValueError, a missing file)
-    fails at once with its message; the network, a tracking server or a crashed process retry."""
+    and a full disk fail at once with their message; the network, a tracking server or a crashed process retry."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
             state.result(raise_on_failure=True)
         except BaseException as e:  # the failure's own exception
             exc = e
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return False  # a full disk stays full: retrying rebuilds into it again (stage.StageDiskFull says what to free)
     return not isinstance(exc, (ValueError, FileNotFoundError))
 
 

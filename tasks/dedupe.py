@@ -27,7 +27,8 @@ from prefect import task
 
 from tasks import stage
 from tasks.config import DedupeConfig
-from tasks.dedupe_index import DedupeIndex
+from model.faults import fault_point
+from tasks.dedupe_index import DedupeIndex, IndexUnavailable, apply_delta, is_outage, unavailable
 from tasks.minhash import Signer, sign_chunk
 from tasks.reports import publish_counts
 
@@ -115,7 +116,9 @@ def decide(chunks: Iterable[tuple[Any, list[str], list[str]]], cfg: DedupeConfig
                 continue
             best, best_sim = None, 0.0
             for cand in index.candidates(bands):
-                sim = float(np.count_nonzero(index.signature(cand) == row)) / cfg.num_perm
+                if (sig := index.signature(cand)) is None:  # not an indexed id: nothing to compare
+                    continue
+                sim = float(np.count_nonzero(sig == row)) / cfg.num_perm
                 if sim >= cfg.threshold and (sim > best_sim or (sim == best_sim and cand < best)):
                     best, best_sim = cand, sim
             if best is not None:
@@ -142,12 +145,33 @@ def find_duplicates(ids: list[str], texts: list[str], cfg: DedupeConfig,
     return removed
 
 
-def build(cfg: DedupeConfig, documents: list[Path], out: Path, workdir: str | None = None) -> dict:
+def build(cfg: DedupeConfig, documents: list[Path], out: Path, workdir: str | None = None,
+          delta_id: str | None = None) -> dict:
     """Stream the document shards in order; write each shard's kept documents to the shard of
-    the same number, and removed.parquet linking each removed document to the one it duplicates."""
+    the same number, and removed.parquet linking each removed document to the one it duplicates.
+
+    With a persistent index, the entries this run adds or removes go to out/index-delta.parquet
+    (named delta_id, by default the folder's name): commit() applies them once out is committed.
+    """
     if not documents:
         raise ValueError("dedupe got no document shards")
     sources = [pq.ParquetFile(f) for f in documents]
+    try:
+        return _build(cfg, sources, out, workdir, delta_id or out.name)
+    except IndexUnavailable:
+        raise
+    except Exception as e:
+        if cfg.index == "redis" and is_outage(e):  # timed out mid-run: name the server, not a socket
+            raise unavailable(cfg.redis_url, e) from e
+        raise
+
+
+def commit(cfg: DedupeConfig, folder: str | Path, workdir: str | None = None) -> bool:
+    """Apply a committed dedupe folder's index delta to the persistent index (once; idempotent)."""
+    return apply_delta(cfg, folder, workdir)
+
+
+def _build(cfg: DedupeConfig, sources: list, out: Path, workdir: str | None, delta_id: str) -> dict:
     index = DedupeIndex(cfg, workdir)
     previous, ok = len(index), False
     n_in = n_out = 0
@@ -176,10 +200,12 @@ def build(cfg: DedupeConfig, documents: list[Path], out: Path, workdir: str | No
             n_in += batch.num_rows
             n_out += int(keep.sum())
             log.info("dedupe: %d documents read, %d kept (index held %d before)", n_in, n_out, previous)
+            fault_point("dedupe:indexed")
         for r in removed_rows:  # "" for a document kept by an earlier run and absent from this one
             r["duplicate_of_url"] = url_of.get(r["duplicate_of"], "")
         pq.write_table(pa.Table.from_pylist(removed_rows, schema=REMOVED_SCHEMA), out / "removed.parquet",
                        compression="zstd")
+        index.write_delta(out, delta_id)
         ok = True
     finally:
         for w in writers.values():
@@ -198,7 +224,8 @@ CODE = ("tasks.dedupe", "tasks.minhash", "tasks.dedupe_index")
 def dedupe(cfg: DedupeConfig, crawled: stage.Manifest, workdir: str) -> stage.Manifest:
     """Remove exact and near-duplicate documents from the crawl output."""
     m = stage.run_stage("dedupe", cfg, [crawled], workdir,
-                        lambda out, key: build(cfg, stage.shards(crawled.folder), out, workdir),
+                        lambda out, key: build(cfg, stage.shards(crawled.folder), out, workdir, key),
                         CODE)
+    commit(cfg, m.folder, workdir)  # also on a cache hit: a run killed after the rename applies it now
     publish_counts("dedupe", m)
     return m

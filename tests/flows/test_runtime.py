@@ -107,6 +107,10 @@ def test_bad_input_is_not_retried_but_a_lost_connection_is(prefect_harness, monk
     @task(name="register")
     def flaky(error: str):
         attempts.append(error)
+        if error == "disk full":
+            from tasks.stage import StageDiskFull
+
+            raise StageDiskFull(28, "register: the disk is full", "/w")
         raise {"value": ValueError, "connection": ConnectionError}[error]("boom")
 
     @flow
@@ -114,5 +118,7 @@ def test_bad_input_is_not_retried_but_a_lost_connection_is(prefect_harness, monk
         return runtime.with_policy(flaky)(error)
 
     assert once("value", return_state=True).is_failed() and attempts == ["value"]
+    attempts.clear()
+    assert once("disk full", return_state=True).is_failed() and attempts == ["disk full"]
     attempts.clear()
     assert once("connection", return_state=True).is_failed() and attempts == ["connection"] * 4

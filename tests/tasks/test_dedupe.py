@@ -94,7 +94,7 @@ def test_redis_index_gives_the_same_decisions_as_memory(redis_url):
     in_memory = d.find_duplicates(ids, texts, DedupeConfig(threshold=0.7))
     on_redis = d.find_duplicates(ids, texts, DedupeConfig(threshold=0.7, index="redis", redis_url=redis_url))
     assert on_redis == in_memory and on_redis
-    assert not redis.Redis.from_url(redis_url).keys("forja:dedupe:run-*")  # a run-scoped index is dropped
+    assert not redis.Redis.from_url(redis_url).keys("forja:dedupe:run:*")  # a run-scoped index is dropped
 
 
 @pytest.mark.parametrize("storage", ["memory", "redis"])
@@ -117,7 +117,7 @@ def test_block_band_keys_find_what_datasketch_query_finds(storage, request):
             index.add(key, b"", row, keys)
         for row, keys in zip(sigs, bands):
             public = index.lsh.query(LeanMinHash(seed=cfg.seed, hashvalues=row, scheme="affine32"))
-            assert index.candidates(keys) == set(public)
+            assert index.candidates(keys) == {k.decode() if isinstance(k, bytes) else k for k in public}
         assert index.candidates(bands[1]) >= {"a"}  # the near copy of "a" collides in some band
     finally:
         index.close(success=True)
@@ -141,7 +141,9 @@ def incremental(tmp_path, cfg):
     out1.mkdir()
     out2.mkdir()
     d.build(cfg, [first], out1, str(tmp_path))
+    d.commit(cfg, out1, str(tmp_path))  # as the dedupe task does once the folder is committed
     stats = d.build(cfg, [second], out2, str(tmp_path))
+    d.commit(cfg, out2, str(tmp_path))
     kept = read_docs(out2).column("id").to_pylist()
     removed = {r["id"]: (r["kind"], r["duplicate_of"], r["duplicate_of_url"])
                for r in pq.read_table(out2 / "removed.parquet").to_pylist()}
@@ -163,6 +165,7 @@ def test_incremental_refresh_keeps_the_whole_current_corpus(storage, tmp_path, r
     out3 = tmp_path / "o3"
     out3.mkdir()
     third = d.build(cfg, [tmp_path / "second.parquet"], out3, str(tmp_path))
+    d.commit(cfg, out3, str(tmp_path))
     assert read_docs(out3).column("id").to_pylist() == kept
     assert third["kept"] == {"new": 0, "changed": 0, "unchanged": 3} and third["removed"]["near"] == 1
 
@@ -187,6 +190,7 @@ def test_a_new_document_duplicating_one_kept_before_is_removed_naming_it(tmp_pat
         out.mkdir()
         pq.write_table(pa.table({"id": run_ids, "url": [f"http://x/{i}" for i in run_ids], "text": run_texts}), src)
         stats = d.build(cfg, [src], out, str(tmp_path))
+        d.commit(cfg, out, str(tmp_path))
     removed = pq.read_table(tmp_path / "o1" / "removed.parquet").to_pylist()
     assert [(r["id"], r["kind"], r["duplicate_of"]) for r in removed] == [("a2", "exact", "a")]
     assert read_docs(tmp_path / "o1").column("id").to_pylist() == ["b"] and stats["kept"]["unchanged"] == 1
