@@ -294,9 +294,10 @@ def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: Docume
 
 def read_files(cfg: CrawlConfig, counts: Counter, docs: DocumentSink) -> None:
     """Documents from the WARC, folder and JSONL sources."""
-    feeds = [("warc", sources.read_warc(Path(p), counts)) for p in cfg.warc]
-    feeds += [("folder", sources.read_folder(Path(p), counts)) for p in cfg.folders]
-    feeds += [("jsonl", sources.read_jsonl(Path(j.path), j.text_field, j.id_field, counts)) for j in cfg.jsonl]
+    cap = cfg.max_body_bytes  # one size limit for every document, fetched or read from disk
+    feeds = [("warc", sources.read_warc(Path(p), counts, cap)) for p in cfg.warc]
+    feeds += [("folder", sources.read_folder(Path(p), counts, cap)) for p in cfg.folders]
+    feeds += [("jsonl", sources.read_jsonl(Path(j.path), j.text_field, j.id_field, counts, cap)) for j in cfg.jsonl]
     for source, rows in feeds:
         for raw in rows:
             doc, _ = to_document(raw, source, 0, cfg, counts)
