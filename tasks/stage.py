@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -166,6 +167,24 @@ def _set_aside(folder: Path, why: str) -> None:
     os.rename(folder, aside)
 
 
+def _remove_stale_temps(parent: Path, key: str) -> None:
+    """Remove the temp folders of this key left by a process of this host that is gone (a
+    kill -9 skips every cleanup); a live builder's folder is left alone."""
+    host = socket.gethostname()
+    for tmp in parent.glob(f".tmp-{key}-*") if parent.is_dir() else []:
+        rest = tmp.name[len(f".tmp-{key}-"):]
+        owner, _, pid = rest.rpartition("-")[0].rpartition("-")
+        if owner != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a process that died", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def stage_dir(workdir: str | Path, stage: str, key: str) -> Path:
     return Path(workdir) / "artifacts" / stage / key
 
@@ -200,7 +219,8 @@ def run_stage(
         else:
             _set_aside(final, "; ".join(problems[:3]))
     fault_point(f"stage:{stage}:start")
-    tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    _remove_stale_temps(final.parent, key)
+    tmp = final.parent / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
         stats = build(tmp, key)
@@ -214,7 +234,10 @@ def run_stage(
             stage=stage, key=key, folder=str(final.resolve()), inputs=lineage, config=cfg,
             code_version=version, created_at=time.time(), files=files, stats=stats,
         )
-        write_json_atomic(tmp / MANIFEST, manifest.portable())
+        # The folder is written absolute for readers that parse manifest.json themselves; every
+        # stage reader (read_manifest) takes it from where the file lies, and Prefect's record of
+        # the result stores it relative (portable()), so a moved work directory keeps its cache.
+        write_json_atomic(tmp / MANIFEST, manifest.model_dump(mode="json"))
         fault_point(f"stage:{stage}:manifest")
         try:
             os.rename(tmp, final)
