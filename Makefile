@@ -89,6 +89,7 @@ bench: install
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/train.py
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/quality.py
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/pii.py
 
 clean:
 	rm -rf $(WORKDIR)
