@@ -162,6 +162,8 @@ class ForjaLM(PythonModel):
         self.limits = Limits.from_env()
         self.encoders = {chat: PromptEncoder(self.tokenizer, chat) for chat in (False, True)
                          if not chat or self.tokenizer.token_to_id("<|end|>") is not None}
+        # a token covers at most this many (byte-level) characters: a longer prompt is refused untokenized
+        self.max_token_chars = max(len(t) for t in self.tokenizer.get_vocab())
         self.cache: OrderedDict[tuple, str] = OrderedDict()
         self.lock = threading.Lock()  # the server may run requests in threads
 
@@ -192,6 +194,10 @@ class ForjaLM(PythonModel):
             raise bad("chat=true needs the chat tokens, which this model's tokenizer lacks (trained before "
                       "forja reserved them); send chat=false")
         encoder = self.encoders[chat]
+        for i, text in enumerate(texts):  # surely too long: not even worth tokenizing
+            if len(text) > lim.max_prompt_tokens * self.max_token_chars:
+                raise bad(f"prompt of row {i} has {len(text)} characters, more than max_prompt_tokens "
+                          f"({lim.max_prompt_tokens}, FORJA_SERVE_MAX_PROMPT_TOKENS) tokens can hold: shorten it")
         ids = encoder(texts)
         for i, row in enumerate(ids):
             if len(row) > lim.max_prompt_tokens:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.model.test_serving_bounds import register_tiny
 
-GREEDY = {"max_new_tokens": 3, "temperature": 0.0}
+SAMPLING = {"max_new_tokens": 4, "temperature": 1.0, "seed": 3}  # the two random models differ
 PROMPTS = [f"O Linux {i}" for i in range(5)]
 
 
@@ -65,23 +65,24 @@ def test_a_resume_after_the_alias_moved_is_refused_then_fresh_starts_over(two_ve
 
     t.client.set_registered_model_alias("tinyb", "champion", t.v1.version)
     with pytest.raises(Crash):
-        run_batch("models:/tinyb@champion", t.src, str(out), t.uri, shard_size=2, sampling=GREEDY,
+        run_batch("models:/tinyb@champion", t.src, str(out), t.uri, shard_size=2, sampling=SAMPLING,
                   shard=dies_after_first)
     first = (out / "part-00000.parquet").stat().st_mtime_ns
     t.client.set_registered_model_alias("tinyb", "champion", t.v2.version)  # the alias moves meanwhile
     with pytest.raises(BatchMismatch) as e:
-        run_batch("models:/tinyb@champion", t.src, str(out), t.uri, shard_size=2, sampling=GREEDY)
+        run_batch("models:/tinyb@champion", t.src, str(out), t.uri, shard_size=2, sampling=SAMPLING)
     assert "tinyb/1" in str(e.value) and "tinyb/2" in str(e.value) and "--fresh" in str(e.value)
     assert (out / "part-00000.parquet").stat().st_mtime_ns == first and not (out / "part-00001.parquet").exists()
     with pytest.raises(BatchMismatch, match="sampling"):  # other sampling: another job too
-        run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling={**GREEDY, "max_new_tokens": 4})
+        run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling={**SAMPLING, "max_new_tokens": 5})
 
-    summary = run_batch("models:/tinyb@champion", t.src, str(out), t.uri, shard_size=2, sampling=GREEDY, fresh=True)
+    summary = run_batch("models:/tinyb@champion", t.src, str(out), t.uri, shard_size=2, sampling=SAMPLING, fresh=True)
     assert summary["model"] == "tinyb/2" and summary["resumed_shards"] == 0 and summary["shards"] == 3
     assert json.loads((out / "_JOB.json").read_text())["weights_sha256"] == t.v2.tags["weights_sha256"]
     rows, texts = outputs(out)
-    model, tok = registry.load_version(t.client, t.v2)
-    assert rows == list(range(5)) and texts == generate_text(model, tok, PROMPTS, Sampling(**GREEDY))
+    made = {v.version: generate_text(*registry.load_version(t.client, v), PROMPTS, Sampling(**SAMPLING))
+            for v in (t.v1, t.v2)}
+    assert rows == list(range(5)) and texts == made[t.v2.version] != made[t.v1.version]
 
 
 @pytest.mark.fault
@@ -98,21 +99,21 @@ def test_two_jobs_on_one_output_one_is_refused_and_the_output_is_one_consistent_
         write_shard(*args)
 
     def job_a():
-        result["a"] = run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling=GREEDY, shard=slow)
+        result["a"] = run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling=SAMPLING, shard=slow)
 
     a = threading.Thread(target=job_a)
     a.start()
     try:
         assert started.wait(30)
         with pytest.raises(BatchConflict, match="another batch job"):  # B, even with another model, writes nothing
-            run_batch("models:/tinyb/2", t.src, str(out), t.uri, shard_size=2, sampling=GREEDY, fresh=True)
+            run_batch("models:/tinyb/2", t.src, str(out), t.uri, shard_size=2, sampling=SAMPLING, fresh=True)
     finally:
         release.set()
         a.join(60)
     assert result["a"]["model"] == "tinyb/1" and json.loads((out / "_JOB.json").read_text())["model"] == "tinyb/1"
     rows, _ = outputs(out)
     assert rows == list(range(5)) and not list(out.glob(".part-*"))
-    again = run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling=GREEDY)
+    again = run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling=SAMPLING)
     assert again["resumed_shards"] == 3  # the same job: nothing redone
 
 
@@ -131,9 +132,9 @@ def test_a_killed_job_frees_its_output_for_the_next(two_versions, tmp_path):
             assert time.time() < deadline, "the holder never took the lock"
             time.sleep(0.05)
         with pytest.raises(BatchConflict):
-            run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling=GREEDY)
+            run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling=SAMPLING)
         assert not list(out.glob("part-*"))
     finally:
         os.killpg(holder.pid, signal.SIGKILL)  # kill -9: no cleanup, the kernel drops the lock
         holder.wait()
-    assert run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling=GREEDY)["shards"] == 3
+    assert run_batch("models:/tinyb/1", t.src, str(out), t.uri, shard_size=2, sampling=SAMPLING)["shards"] == 3

@@ -123,8 +123,10 @@ class Batches:
 def test_requests_past_the_limits_are_a_400_naming_the_parameter_its_value_and_the_limit(served):
     message = refused(served, ["O Linux"] * 7, max_new_tokens=2, temperature=0)
     assert "rows" in message and "7" in message and "6" in message and "FORJA_SERVE_MAX_ROWS" in message
-    message = refused(served, ["ok", "palavra " * 300], max_new_tokens=2, temperature=0)
-    assert "max_prompt_tokens" in message and "200" in message and "row 1" in message
+    message = refused(served, ["ok", "palavra " * 50], max_new_tokens=2, temperature=0)
+    assert "max_prompt_tokens is 200" in message and "row 1 has" in message
+    message = refused(served, ["x" * 10_000_000], max_new_tokens=2, temperature=0)  # 10 MB: refused untokenized
+    assert "max_prompt_tokens" in message and "10000000 characters" in message
     message = refused(served, ["O Linux"], max_new_tokens=25, temperature=0)
     assert "max_new_tokens" in message and "25" in message and "24" in message
     message = refused(served, ["palavra " * 15] * 6, max_new_tokens=20, temperature=0)
