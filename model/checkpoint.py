@@ -8,9 +8,17 @@ and is ignored; one whose files do not match it (truncated, missing) is skipped 
 message, and the previous checkpoint is used. Loading goes through `torch.load(...,
 weights_only=True)` with only DeepSpeed's own state classes allowed: nothing else is
 unpickled.
+
+Resume never starts over silently: when checkpoints were committed but none of them loads,
+it stops with the reason for each. The fingerprint holds everything that decides which rows
+a step draws and the checkpoint's layout (batch shape, world size, seed, ZeRO stage), so a
+resume with other settings is refused, naming them. A save that fills the disk removes its
+partial folder and says so; the previous checkpoint stays the one a rerun resumes from.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +26,9 @@ import shutil
 from pathlib import Path
 
 MARKER = "COMMIT.json"
+# Fingerprint fields that checkpoints written before them lack: not compared when absent there.
+LATER_FIELDS = ("batch", "seed", "zero_stage")
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk
 
 
 def file_sha256(path: str | Path) -> str:
@@ -78,6 +89,11 @@ def fingerprint_of(tag_dir: Path) -> dict:
     return json.loads((tag_dir / MARKER).read_text())["fingerprint"]
 
 
+def committed(tag_dir: Path) -> bool:
+    """Whether the save of this folder reached its commit marker (complete or not since)."""
+    return (tag_dir / MARKER).exists()
+
+
 def mismatch(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between a checkpoint's fingerprint and this run's."""
     out = []
@@ -92,7 +108,109 @@ def mismatch(saved: dict, current: dict) -> list[str]:
 
 
 class CheckpointMismatch(RuntimeError):
-    """The checkpoint folder belongs to a run with another model, tokenizer or data."""
+    """The checkpoint folder belongs to a run with another model, tokenizer, data or batch shape."""
+
+
+class NoCheckpointLoads(RuntimeError):
+    """Checkpoints were committed in the folder but none of them can be loaded."""
+
+
+class CheckpointDiskFull(OSError):
+    """A checkpoint could not be written because its filesystem is full."""
+
+
+def refuse_mismatch(tag_dir: Path, fingerprint: dict) -> None:
+    """Raise CheckpointMismatch naming each field where the checkpoint's run differs from this one."""
+    saved = fingerprint_of(tag_dir)
+    current = {k: v for k, v in fingerprint.items() if k in saved or k not in LATER_FIELDS}
+    if diffs := mismatch(saved, current):
+        raise CheckpointMismatch(
+            f"{tag_dir} belongs to another run: " + "; ".join(diffs) + ". Train with the same model, tokenizer, "
+            "data, batch shape (micro_batch_size, grad_accum_steps, seq_len, processes), seed and ZeRO stage to "
+            "resume it, or set pretrain.run_name to start a new run beside it")
+
+
+def check_newest(ckpt_dir: Path, fingerprint: dict) -> None:
+    """Refuse a mismatched run before any engine is built: the newest complete checkpoint decides."""
+    for tag in step_folders(ckpt_dir):
+        if problem(tag) is None:
+            refuse_mismatch(tag, fingerprint)
+            return
+
+
+def resume(engine, ckpt_dir: Path, fingerprint: dict) -> int:
+    """Load the newest checkpoint that loads and return its step; 0 when none was ever committed.
+
+    An incomplete or unreadable checkpoint is skipped, saying why, for the one before it; when
+    checkpoints were committed but none loads, NoCheckpointLoads names each and why (starting
+    over would overwrite the run's metrics and waste its training). A checkpoint of another
+    run is CheckpointMismatch.
+    """
+    import torch
+
+    failed: list[tuple[Path, str]] = []
+    for tag in step_folders(ckpt_dir):
+        if (why := problem(tag)) is None:
+            refuse_mismatch(tag, fingerprint)
+            try:
+                path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag.name)
+                why = None if path is not None else "DeepSpeed found nothing to load"
+            except Exception as e:  # a corrupt file that kept its size, another ZeRO layout
+                why = f"{type(e).__name__}: {e}"
+        if why is not None:
+            print(f"checkpoint {tag} skipped: {why}; falling back to the previous one", flush=True)
+            failed.append((tag, why))
+            continue
+        torch.set_rng_state(client["rng_cpu"])
+        if "rng_cuda" in client and torch.cuda.is_available():
+            torch.cuda.set_rng_state(client["rng_cuda"])
+        print(f"resumed from {tag} at step {client['step']}", flush=True)
+        return int(client["step"])
+    if any(committed(tag) for tag, _ in failed):
+        reasons = "".join(f"\n  {tag.name}: {why}" for tag, why in failed)
+        raise NoCheckpointLoads(
+            f"none of the checkpoints in {ckpt_dir} can be loaded:{reasons}\nTraining does not start over on its "
+            "own (that would discard this run's progress and overwrite its metrics). Restore a good checkpoint "
+            f"there to resume; or, to train from scratch, set pretrain.run_name to a new name, or delete "
+            f"{ckpt_dir}/step-* (the old metrics are then kept as metrics-before-restart-*.jsonl)")
+    return 0
+
+
+def disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write was the disk filling up: ENOSPC (or a quota) in the exception chain,
+    or, since torch's writer reports it as a bare RuntimeError, next to nothing free on folder's
+    filesystem."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def saving(tag_dir: Path):
+    """Around the writing and commit of one checkpoint: on failure the uncommitted folder is removed
+    (freeing its space; never a half checkpoint) and a full disk is a CheckpointDiskFull that says
+    where and what to do."""
+    try:
+        yield
+    except Exception as e:
+        full = disk_full(e, tag_dir.parent)
+        free = shutil.disk_usage(tag_dir.parent).free if full else 0
+        if not committed(tag_dir):
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        if not full:
+            raise
+        good = next((t.name for t in step_folders(tag_dir.parent) if problem(t) is None), None)
+        raise CheckpointDiskFull(
+            errno.ENOSPC, f"the disk is full: checkpoint {tag_dir} could not be written ({free} bytes left on its "
+            f"filesystem; {type(e).__name__}: {e}). The partial folder was removed; the last complete checkpoint is "
+            f"{good or 'none'}. Free space under {tag_dir.parent} (or lower pretrain.keep_checkpoints) and run "
+            "again: training resumes from it") from e
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:

@@ -1,10 +1,14 @@
 """What a training run reports besides its loss: MFU, memory, per-layer gradients, samples,
-and whether a model fits the device before any time is spent on it."""
+whether a model fits the device before any time is spent on it, and the metrics.jsonl curve
+that survives crashes (a torn last line is repaired, a resume cuts it back to its step)."""
 from __future__ import annotations
 
+import json
+import os
 import resource
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -97,3 +101,80 @@ def device_memory(device: str) -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+class MetricSink:
+    """Metrics to stdout, to metrics.jsonl and, when a run id is set, to MLflow."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a")
+        self.mlflow = None
+        if os.environ.get("MLFLOW_RUN_ID"):
+            import mlflow
+
+            self.mlflow = mlflow.MlflowClient()
+            self.run_id = os.environ["MLFLOW_RUN_ID"]
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        print(f"step {step:>6} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        if self.mlflow is not None:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """Replace path's content with lines, atomically (a crash leaves the old file or the new)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(x + "\n" for x in lines))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's lines with their rows. A torn last line (a crash in the middle of writing
+    it) is dropped with a warning and the file repaired; a bad line before it was not made by a
+    crash, so it is an error naming the file and the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError:
+            if number == len(lines):
+                print(f"warning: {path} line {number} is torn (training stopped while writing it): dropped "
+                      f"{line[:60]!r}", flush=True)
+                _write_lines(path, [x for x, _ in out])
+                break
+            raise ValueError(f"{path} line {number} is not JSON: {line[:80]!r}. A crash tears only the last line; "
+                             "fix or delete this one (or the whole file, losing the curve) and run again") from None
+        out.append((line, row))
+    return out
+
+
+def restart_metrics(path: Path, start: int) -> list[dict]:
+    """Cut metrics.jsonl back to the rows up to step start, where training resumes, so a killed and
+    resumed run still has one curve. Starting over (start 0) keeps an existing curve beside it as
+    metrics-before-restart-<time>.jsonl rather than overwriting it. Returns the rows kept."""
+    path = Path(path)
+    lines = read_metrics(path)
+    if start == 0 and lines:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        old = path.with_name(f"metrics-before-restart-{stamp}.jsonl")
+        n = 1
+        while old.exists():
+            n += 1
+            old = path.with_name(f"metrics-before-restart-{stamp}-{n}.jsonl")
+        os.replace(path, old)
+        print(f"training starts from step 0: the previous curve ({len(lines)} rows) is kept as {old}", flush=True)
+        lines = []
+    kept = [(x, row) for x, row in lines if row["step"] <= start]
+    _write_lines(path, [x for x, _ in kept])
+    return [row for _, row in kept]

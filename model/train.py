@@ -203,29 +203,6 @@ def evaluate_loss(model: GPT, rows: np.ndarray, batch_size: int, max_batches: in
     return sum(losses) / len(losses)
 
 
-class MetricSink:
-    """Metrics to stdout, to metrics.jsonl and, when a run id is set, to MLflow."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a")
-        self.mlflow = None
-        if os.environ.get("MLFLOW_RUN_ID"):
-            import mlflow
-
-            self.mlflow = mlflow.MlflowClient()
-            self.run_id = os.environ["MLFLOW_RUN_ID"]
-
-    def log(self, step: int, metrics: dict) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        print(f"step {step:>6} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-        if self.mlflow is not None:
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
-
-
 def fault(point: str, step: int) -> None:
     """Fault injection for the resume tests: FORJA_FAULT=point:step kills this process there."""
     fault_point(f"{point}:{step}")
@@ -241,43 +218,29 @@ def save(engine, ckpt_dir: Path, step: int, fingerprint: dict, rank: int, keep: 
     state = {"step": step, "rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state()
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step}", client_state=state, save_latest=False)
-    fault("checkpoint-files-written", step)
-    barrier()
+    tag_dir = ckpt_dir / f"step-{step}"
+    with checkpoint.saving(tag_dir):  # a full disk: a clear error, and no half checkpoint left
+        engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=state, save_latest=False)
+        fault("checkpoint-files-written", step)
+        barrier()
+        if rank == 0:
+            checkpoint.commit(tag_dir, step, fingerprint)
     if rank == 0:
-        checkpoint.commit(ckpt_dir / f"step-{step}", step, fingerprint)
         checkpoint.prune(ckpt_dir, keep)
     barrier()
 
 
-def resume(engine, ckpt_dir: Path, fingerprint: dict) -> int:
-    """Load the newest complete checkpoint and return its step (0 if there is none).
-
-    An incomplete newest checkpoint is skipped, saying why; a checkpoint of another model,
-    tokenizer or data is a hard error that names what changed.
-    """
-    for tag in checkpoint.step_folders(ckpt_dir):
-        if (why := checkpoint.problem(tag)) is not None:
-            print(f"checkpoint {tag} skipped: {why}; falling back to the previous one", flush=True)
-            continue
-        if diffs := checkpoint.mismatch(checkpoint.fingerprint_of(tag), fingerprint):
-            raise checkpoint.CheckpointMismatch(
-                f"{tag} belongs to another run: " + "; ".join(diffs) + ". Train with the same model, "
-                "tokenizer and data to resume it, or set pretrain.run_name to start a new run beside it")
-        try:
-            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag.name)
-        except Exception as e:  # a corrupt file that kept its size
-            print(f"checkpoint {tag} skipped: {type(e).__name__}: {e}; falling back to the previous one", flush=True)
-            continue
-        if path is None:
-            print(f"checkpoint {tag} skipped: DeepSpeed found nothing to load; falling back", flush=True)
-            continue
-        torch.set_rng_state(client["rng_cpu"])
-        if "rng_cuda" in client and torch.cuda.is_available():
-            torch.cuda.set_rng_state(client["rng_cuda"])
-        print(f"resumed from {tag} at step {client['step']}", flush=True)
-        return int(client["step"])
-    return 0
+def run_fingerprint(spec: TrainSpec, world: int) -> dict:
+    """What a checkpoint must share with the run resuming it: the model, tokenizer and data, and
+    what decides which rows each step draws (batch shape, world size, seed) and how the checkpoint
+    is laid out (ZeRO stage). Fine-tuning adds its base and LoRA rank."""
+    fp = {"model": spec.model, "tokenizer_sha256": checkpoint.file_sha256(spec.tokenizer), "data_key": spec.data_key,
+          "batch": {"micro_batch_size": spec.micro_batch_size, "grad_accum_steps": spec.grad_accum_steps,
+                    "seq_len": spec.model.get("block_size"), "world_size": world},
+          "seed": spec.seed, "zero_stage": spec.zero_stage}
+    if spec.init_from or spec.lora_rank:  # not in a pretraining fingerprint: its checkpoints still resume
+        fp |= {"init_from": spec.init_from, "lora_rank": spec.lora_rank}
+    return fp
 
 
 def check_memory(cfg: ModelConfig, spec: TrainSpec, device: str, dtype: torch.dtype, world: int, preset: str) -> None:
@@ -303,6 +266,13 @@ def train(spec: TrainSpec) -> dict:
     cfg = ModelConfig(**spec.model)
     ensure_dist_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # Refused before an engine is built: another run's checkpoints, a corrupt metrics curve.
+    ckpt_dir, out_dir = Path(spec.checkpoint_dir), Path(spec.out_dir)
+    fingerprint = run_fingerprint(spec, world)
+    checkpoint.check_newest(ckpt_dir, fingerprint)
+    metrics_file = ckpt_dir / "metrics.jsonl"  # beside the checkpoints: the curve of the run they belong to
+    if rank == 0:
+        monitor.read_metrics(metrics_file)
     device, dtype = device_and_dtype()
     check_memory(cfg, spec, device, dtype, world, spec.extra.get("preset", "this model"))
     model = GPT(cfg)
@@ -328,24 +298,14 @@ def train(spec: TrainSpec) -> dict:
     train_rows, val_rows = open_rows(spec.train_files), open_rows(spec.val_files)
     val_mask = open_mask(spec.val_files)  # fine-tuning data: learn the responses only
     batches = Batches(train_rows, spec.micro_batch_size, spec.seed, rank, world, mask=open_mask(spec.train_files))
-    ckpt_dir, out_dir = Path(spec.checkpoint_dir), Path(spec.out_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = {"model": spec.model, "tokenizer_sha256": checkpoint.file_sha256(spec.tokenizer),
-                   "data_key": spec.data_key}
-    if spec.init_from or spec.lora_rank:  # not in a pretraining fingerprint: its checkpoints still resume
-        fingerprint |= {"init_from": spec.init_from, "lora_rank": spec.lora_rank}
-    start = resume(engine, ckpt_dir, fingerprint)
+    start = checkpoint.resume(engine, ckpt_dir, fingerprint)
 
-    # metrics.jsonl lives beside the checkpoints, cut back to the resumed step, so that a
-    # killed and resumed run still has one curve from step 1.
-    metrics_file = ckpt_dir / "metrics.jsonl"
     sink = None
-    if rank == 0:
-        kept = [x for x in (metrics_file.read_text().splitlines() if metrics_file.exists() and start else [])
-                if json.loads(x)["step"] <= start]
-        metrics_file.write_text("".join(x + "\n" for x in kept))
-        sink = MetricSink(metrics_file)
+    if rank == 0:  # cut back to the resumed step: a killed and resumed run has one curve from step 1
+        monitor.restart_metrics(metrics_file, start)
+        sink = monitor.MetricSink(metrics_file)
     tokenizer = None
     if rank == 0 and spec.sample_every and spec.sample_prompts and spec.zero_stage < 3:
         from tokenizers import Tokenizer
@@ -448,7 +408,7 @@ def write_rank_record(model: GPT, batches: Batches, position: int, out_dir: Path
     (folder / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
-def write_samples(model: GPT, tokenizer, spec: TrainSpec, step: int, out_dir: Path, sink: "MetricSink | None") -> None:
+def write_samples(model: GPT, tokenizer, spec: TrainSpec, step: int, out_dir: Path, sink: "monitor.MetricSink | None") -> None:
     """Greedy continuations of the fixed prompts, appended to samples.txt and logged to MLflow."""
     from model.generate import Sampling, generate_text
 
@@ -468,12 +428,51 @@ def write_samples(model: GPT, tokenizer, spec: TrainSpec, step: int, out_dir: Pa
         sink.mlflow.log_text(sink.run_id, block, f"samples/step-{step:06d}.txt")
 
 
+PARENT_ENV = "FORJA_PARENT_PID"  # set by the pretrain task to its own pid
+
+
+def watch_parent(interval_s: float = 0.5) -> None:
+    """Die with the process that started training: once the process FORJA_PARENT_PID names is gone
+    (or a zombie), this one SIGKILLs itself; unset, nothing is watched.
+
+    The pretrain task's direct child dies with it by PR_SET_PDEATHSIG, but under the deepspeed
+    launcher a rank's parent is the launcher's per-node agent, which would outlive a killed task
+    and keep its ranks training unattended. The last committed checkpoint stays, so a rerun resumes.
+    """
+    pid = os.environ.get(PARENT_ENV)
+    if not pid:
+        return
+    import signal
+    import threading
+
+    import psutil
+
+    try:
+        parent = psutil.Process(int(pid))
+    except psutil.NoSuchProcess:
+        parent = None
+
+    def gone() -> bool:
+        try:  # is_running also compares the start time: a reused pid is not the parent
+            return parent is None or not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGKILL)  # nobody reads this process's output any more
+
+    threading.Thread(target=watch, name="forja-parent-watchdog", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m model.train SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
+    watch_parent()
     spec = TrainSpec(**json.loads(Path(argv[0]).read_text()))
     train(spec)
     return 0

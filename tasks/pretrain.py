@@ -139,9 +139,12 @@ def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretra
     On a terminal, a progress bar shows step, loss and tokens/s as well.
     """
     tail: deque[str] = deque(maxlen=30)
-    # Its own process group, so the launcher and every rank can be stopped together.
+    # Its own process group, so the launcher and every rank can be stopped together; and dying with
+    # this process even when it is SIGKILLed, where no `except` runs: the launcher by the kernel's
+    # parent-death signal, each rank by model.train's watchdog on this pid.
+    env = dict(env, **{model.train.PARENT_ENV: str(os.getpid())})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent())
     try:
         with TrainingProgress(max_steps, label) as bar:
             for line in proc.stdout:
@@ -155,6 +158,27 @@ def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretra
         raise
     if proc.wait():
         raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
+
+
+def die_with_parent():
+    """A preexec_fn making the child SIGKILLed when this process dies (Linux PR_SET_PDEATHSIG; None
+    elsewhere). prctl is looked up here, so the child between fork and exec only calls it. The
+    signal follows the thread that started the child, which waits on it until it ends."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    parent, pr_set_pdeathsig = os.getpid(), 1
+
+    def arm() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:

@@ -6,6 +6,7 @@ that was never interrupted.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
+from model import checkpoint
 from model import train as tr
 
 pytestmark = pytest.mark.slow
@@ -41,9 +43,14 @@ def make_spec(tmp_path: Path, name: str, **kw) -> Path:
     return path
 
 
-def run(spec: Path, fault: str | None = None, launcher_procs: int = 0) -> subprocess.CompletedProcess:
+def run_env() -> dict:
+    """The environment of a training child: one CPU thread, no inherited rank variables."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return env | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run(spec: Path, fault: str | None = None, launcher_procs: int = 0) -> subprocess.CompletedProcess:
+    env = run_env()
     if fault:
         env["FORJA_FAULT"] = fault
     cmd = [sys.executable, "-m", "model.train", str(spec)]
@@ -60,12 +67,23 @@ def losses(folder: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in rows}
 
 
+_REFERENCE: list = []
+
+
+def reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """An uninterrupted 12-step run (checkpoints kept at 6 and 9), made once per session and
+    shared with tests/model/test_train_faults.py: (its folder's parent, its losses)."""
+    if not _REFERENCE:
+        tmp = tmp_path_factory.mktemp("resume")
+        done = run(make_spec(tmp, "ref"))
+        assert done.returncode == 0, done.stdout[-3000:]
+        _REFERENCE.append((tmp, losses(tmp / "ref")))
+    return _REFERENCE[0]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    done = run(make_spec(tmp, "ref"))
-    assert done.returncode == 0, done.stdout[-3000:]
-    return tmp, losses(tmp / "ref")
+    return reference_run(tmp_path_factory)
 
 
 @pytest.mark.parametrize("fault", ["step:5", "step:10", "checkpoint-files-written:6"])
@@ -78,7 +96,7 @@ def test_sigkill_then_rerun_gives_bit_identical_losses(reference, fault):
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     kill_step = int(fault.split(":")[1])
     last_complete = (kill_step - 1) // 3 * 3 if fault.startswith("checkpoint") else kill_step // 3 * 3
-    assert f"resumed from" in resumed.stdout and f"at step {last_complete}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {last_complete}" in resumed.stdout
     if fault.startswith("checkpoint"):  # killed between DeepSpeed's files and the commit marker
         assert f"step-{kill_step} skipped: no commit marker" in resumed.stdout
     assert losses(tmp / name) == expected  # every step 1..12, exactly (floats compared bit for bit)
@@ -92,10 +110,40 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference):
     newest = tmp / "trunc" / "ckpt" / "step-6"
     victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    metrics = tmp / "trunc" / "ckpt" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # what a crash in the middle of writing step 8's line leaves
+        f.write('{"step": 8, "train_loss": 5.7')
     again = run(make_spec(tmp, "trunc"))
     assert again.returncode == 0, again.stdout[-3000:]
     assert "step-6 skipped" in again.stdout and "bytes" in again.stdout and "at step 3" in again.stdout
+    assert f"{metrics} line 8 is torn" in again.stdout + again.stderr  # dropped with a warning
     assert losses(tmp / "trunc") == expected
+    # a corrupt line in the middle is no crash artefact: an error naming the file and the line
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:4] + ['{"step": 5, "train_lo'] + lines[5:]) + "\n")
+    corrupt = run(make_spec(tmp, "trunc"))
+    assert corrupt.returncode != 0 and f"{metrics} line 5 is not JSON" in corrupt.stderr, corrupt.stderr[-3000:]
+
+
+def test_when_no_checkpoint_loads_training_stops_and_keeps_the_metrics(reference):
+    """Every checkpoint corrupt: an error naming each one and why, never a silent restart at step 0."""
+    tmp, _ = reference
+    spec = make_spec(tmp, "allbad")
+    ckpt = tmp / "allbad" / "ckpt"
+    shutil.copytree(tmp / "ref" / "ckpt", ckpt)
+    (newest,) = (ckpt / "step-9").glob("*.pt")
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated: caught by the sizes in COMMIT.json
+    (older,) = (ckpt / "step-6").glob("*.pt")
+    older.write_bytes(bytes(older.stat().st_size))  # same size, zeros: caught only when loading
+    before = (ckpt / "metrics.jsonl").read_bytes()
+    failed = run(spec)
+    assert failed.returncode != 0, failed.stdout[-3000:]
+    err = failed.stderr
+    assert "NoCheckpointLoads" in err and str(ckpt) in err, err[-3000:]
+    assert "step-9: mp_rank_00_model_states.pt is 1000 bytes" in err and "step-6: " in err
+    assert "pretrain.run_name" in err and "delete" in err
+    assert "resumed" not in failed.stdout and "step      1" not in failed.stdout  # no training at all
+    assert (ckpt / "metrics.jsonl").read_bytes() == before
 
 
 def test_changed_model_or_data_against_the_checkpoint_is_a_hard_error(reference):
@@ -107,6 +155,25 @@ def test_changed_model_or_data_against_the_checkpoint_is_a_hard_error(reference)
     assert "model.n_embd: checkpoint 32, now 64" in wider.stdout + wider.stderr
     other_data = run(make_spec(tmp, "change", max_steps=6, checkpoint_every=2, data_key="tokens-v2"))
     assert other_data.returncode != 0 and "data_key: checkpoint 'tokens-v1', now 'tokens-v2'" in other_data.stderr
+    # the batch shape, seed and ZeRO stage decide which rows each step draws and the layout of
+    # the checkpoint: a resume with other ones would silently train on other data (or start over)
+    reshaped = run(make_spec(tmp, "change", max_steps=6, checkpoint_every=2, micro_batch_size=2, grad_accum_steps=2,
+                             seed=7, zero_stage=1))
+    out = reshaped.stdout + reshaped.stderr
+    assert reshaped.returncode != 0 and "CheckpointMismatch" in out, out[-3000:]
+    for field in ("batch.micro_batch_size: checkpoint 4, now 2", "batch.grad_accum_steps: checkpoint 1, now 2",
+                  "seed: checkpoint 1337, now 7", "zero_stage: checkpoint 0, now 1"):
+        assert field in out
+    assert "step      3" not in reshaped.stdout  # refused before any step
+
+
+def test_the_fingerprint_holds_the_batch_shape_world_size_and_seed(tmp_path):
+    """What a resume must share with its checkpoint; the world size only varies under the launcher."""
+    spec = tr.TrainSpec(**json.loads(make_spec(tmp_path, "fp").read_text()))
+    one, two = tr.run_fingerprint(spec, world=1), tr.run_fingerprint(spec, world=2)
+    assert one["batch"] == {"micro_batch_size": 4, "grad_accum_steps": 1, "seq_len": 32, "world_size": 1}
+    assert one["seed"] == 1337 and one["zero_stage"] == 0 and one["data_key"] == "tokens-v1"
+    assert checkpoint.mismatch(one, two) == ["batch.world_size: checkpoint 1, now 2"]
 
 
 def test_two_ranks_under_the_launcher_draw_disjoint_data_and_end_identical(tmp_path):
