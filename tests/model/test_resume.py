@@ -200,3 +200,18 @@ def test_zero_stages_resume_exactly_and_write_whole_weights(tmp_path, zero_stage
     assert losses(tmp_path / "z") == losses(tmp_path / "ref")
     model, _ = load_folder(tmp_path / "z" / "out")
     assert model.embed.weight.shape == (300, 32) and model.embed.weight.abs().sum() > 0
+
+
+def test_checkpoints_from_before_the_batch_fingerprint_still_resume(tmp_path):
+    """A checkpoint committed before the batch shape, seed and ZeRO stage were recorded is not
+    refused for lacking them; a field it does record is still compared."""
+    spec = tr.TrainSpec(**json.loads(make_spec(tmp_path, "old").read_text()))
+    now = tr.run_fingerprint(spec, world=1)
+    tag = tmp_path / "step-3"
+    tag.mkdir()
+    old = {k: now[k] for k in ("model", "tokenizer_sha256", "data_key")}
+    (tag / checkpoint.MARKER).write_text(json.dumps({"step": 3, "files": {}, "fingerprint": old}))
+    checkpoint.refuse_mismatch(tag, now)  # no error
+    (tag / checkpoint.MARKER).write_text(json.dumps({"step": 3, "files": {}, "fingerprint": old | {"seed": 1}}))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="seed: checkpoint 1, now 1337"):
+        checkpoint.refuse_mismatch(tag, now)
