@@ -166,6 +166,13 @@ def test_a_request_past_its_deadline_stops_generating_and_answers_an_error(serve
     assert e.value.get_http_status_code() == 504 and "deadline" in e.value.message
     after = [t for t in seen.times if t > t0 + 0.3]
     assert len(after) <= 1 and time.monotonic() - t0 < 1.0  # at most the step in flight when it passed
+    # the deadline follows MLflow's scoring-server timeout (answered before it cuts), unless set itself
+    from model.serving import Limits
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "10")
+    assert Limits.from_env().timeout_s == pytest.approx(9.0)
+    monkeypatch.setenv("FORJA_SERVE_TIMEOUT_S", "2.5")
+    assert Limits.from_env().timeout_s == 2.5
 
 
 @pytest.mark.fault
