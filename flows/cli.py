@@ -74,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--top-p", type=float, default=1.0)
     bt.add_argument("--seed", type=int, default=0)
     bt.add_argument("--chat", action="store_true", help="each prompt is a user message in the chat template")
+    bt.add_argument("--fresh", action="store_true", help="discard OUTPUT_DIR's shards of a previous job (another "
+                    "model version, sampling or input) and start over; without it such a rerun is refused")
     bt.add_argument("--workdir", default=None)
     ev = sub.add_parser("evaluate", help="score a registered model version on a config's evaluation suites",
                         description="Download MODEL_URI (its weights' sha256 checked), run CONFIG's evaluate.suites "
@@ -207,10 +209,14 @@ def batch_command(args, workdir: Path) -> int:
     except (ValueError, LookupError, FileNotFoundError) as e:
         print(f"forja: {e}", file=sys.stderr)
         return 2
-    from flows.batch import batch
+    from flows.batch import BatchConflict, BatchMismatch, batch
 
-    summary = batch(args.model_uri, args.input, args.output_dir, args.shard_size, sampling.__dict__,
-                    args.batch_size, str(workdir), args.chat)
+    try:
+        summary = batch(args.model_uri, args.input, args.output_dir, args.shard_size, sampling.__dict__,
+                        args.batch_size, str(workdir), args.chat, args.fresh)
+    except (BatchMismatch, BatchConflict) as e:
+        print(f"forja: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary))
     return 0
 
