@@ -273,11 +273,15 @@ def cache_policy(*modules: str | Path):
     return StageInputs() + TASK_SOURCE + StageCode(modules=tuple(modules))
 
 
-def task_options(*code: str | Path) -> dict:
-    """The keyword arguments of every stage's @task: the cache above, and results persisted
-    as JSON manifests in a storage that refuses any record forja did not write (no pickle is
-    ever loaded) and reports a damaged stage folder as a cache miss (the task reruns)."""
-    return {"persist_result": True, "cache_policy": cache_policy(*code).configure(key_storage=StageRecords()),
+def task_options(*code: str | Path, extra: CachePolicy | None = None) -> dict:
+    """The keyword arguments of every stage's @task: `@task(name="dedupe", **stage.task_options(*CODE))`.
+
+    The cache above (plus `extra`, a stage's own cache component, e.g. crawl's source
+    fingerprint), and results persisted as JSON manifests whose records live in StageRecords:
+    a record forja did not write is never deserialized (no pickle is ever loaded), and a hit
+    whose stage folder is damaged reads as a miss, so the task runs and rebuilds it."""
+    policy = cache_policy(*code) if extra is None else cache_policy(*code) + extra
+    return {"persist_result": True, "cache_policy": policy.configure(key_storage=StageRecords()),
             "result_serializer": ManifestSerializer()}
 
 
@@ -320,21 +324,28 @@ class StageCode(CachePolicy):
 
 
 class ManifestSerializer(Serializer):
-    """Stage results as JSON manifests with the folder relative to the work directory; loads
-    builds nothing but a Manifest, its folder resolved against the task's work directory."""
+    """Stage results as JSON manifests with the folder relative to the work directory. Tasks
+    a stage task calls inherit its serializer: their results are plain JSON. loads builds
+    nothing but a Manifest (its folder resolved against the task's work directory) or plain
+    JSON values: never a pickle."""
 
     type: str = Field(default="forja-manifest", frozen=True)
 
     def dumps(self, obj: Any) -> bytes:
-        if not isinstance(obj, Manifest):
-            raise TypeError(f"a stage task must return a Manifest, not {type(obj).__name__}")
-        return json.dumps(obj.portable()).encode()
+        return json.dumps(obj.portable() if isinstance(obj, Manifest) else obj).encode()
 
-    def loads(self, blob: bytes) -> Manifest:
-        m = Manifest.model_validate_json(blob)
+    def loads(self, blob: bytes) -> Any:
+        data = json.loads(blob)
+        if not _is_manifest(data):
+            return data
+        m = Manifest.model_validate(data)
         if not Path(m.folder).is_absolute() and (wd := _task_workdir()):
             m.folder = str((Path(wd) / m.folder).resolve())
         return m
+
+
+def _is_manifest(data: Any) -> bool:
+    return isinstance(data, dict) and {"stage", "key", "folder", "files"} <= data.keys()
 
 
 SERIALIZER_RECORD = {"type": "forja-manifest"}
@@ -397,7 +408,11 @@ def vet_record(path: Path, workdir: str | None) -> bytes | None:
         result = Path(meta["storage_key"])
         if not result.is_file():  # the results folder moved (with its work directory)
             result = path.parent.parent / result.name
-        m = Manifest.model_validate_json(result.read_bytes())
+        data = json.loads(result.read_bytes())
+        if not _is_manifest(data):  # a plain JSON result (a task a stage calls): nothing to check
+            meta["storage_key"] = str(result.resolve())
+            return json.dumps(meta).encode()
+        m = Manifest.model_validate(data)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -30,8 +30,17 @@ def _build(name: str, upstream: stage.Manifest | None):
     return build
 
 
+@task(name="shard")
+def shard(n: int) -> dict:
+    return {"rows": n}
+
+
 @task(name="alpha", **stage.task_options("tasks.stage"))
 def alpha(cfg: dict, workdir: str) -> stage.Manifest:
+    # a task a stage task calls inherits its result serializer: plain JSON results persist too
+    state = shard(3, return_state=True)
+    if state.name != "Completed" or state.result() != {"rows": 3}:
+        raise RuntimeError(f"a nested task ended {state.name}")
     return stage.run_stage("alpha", cfg, [], workdir, _build("alpha", None), ["tasks.stage"])
 
 
