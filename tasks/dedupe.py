@@ -220,7 +220,7 @@ def _build(cfg: DedupeConfig, sources: list, out: Path, workdir: str | None, del
 CODE = ("tasks.dedupe", "tasks.minhash", "tasks.dedupe_index")
 
 
-@task(name="dedupe", persist_result=True, cache_policy=stage.cache_policy(*CODE))
+@task(name="dedupe", **stage.task_options(*CODE))
 def dedupe(cfg: DedupeConfig, crawled: stage.Manifest, workdir: str) -> stage.Manifest:
     """Remove exact and near-duplicate documents from the crawl output."""
     m = stage.run_stage("dedupe", cfg, [crawled], workdir,
