@@ -360,10 +360,11 @@ def crawl_stage(cfg: CrawlConfig, workdir: str | Path, now: float | None = None)
 
     window = freshness.open_window(workdir, freshness.request_id(cfg, fingerprint, stage.code_version(list(CODE))),
                                    cfg.refresh_seconds, now)
-    if window.output_key and (stage.stage_dir(workdir, "crawl", window.output_key) / stage.MANIFEST).is_file():
+    folder = stage.stage_dir(workdir, "crawl", window.output_key) if window.output_key else None
+    reused = stage.read_manifest(folder) if folder is not None else None
+    if reused is not None and not stage.damage(reused, folder):
         log.info("crawl: within the refresh period (since %s), reusing crawl %s", window.started, window.output_key)
-        folder = stage.stage_dir(workdir, "crawl", window.output_key)
-        return CrawlRun(stage.Manifest.model_validate_json((folder / stage.MANIFEST).read_text()), ran)
+        return CrawlRun(reused, ran)
     walk = stage.stage_dir(workdir, "crawl", f".walk-{uuid.uuid4().hex[:8]}")
     walk.mkdir(parents=True)
     try:
@@ -398,8 +399,7 @@ def _publish_run(run: CrawlRun) -> None:
         log.warning("could not publish the crawl-refresh artifact: %s", e)
 
 
-@task(name="crawl", persist_result=True,
-      cache_policy=stage.cache_policy(*CODE) + freshness.CrawlSources(code=stage.code_version(list(CODE))))
+@task(name="crawl", **stage.task_options(*CODE, extra=freshness.CrawlSources(code=stage.code_version(list(CODE)))))
 def crawl(cfg: CrawlConfig, workdir: str) -> stage.Manifest:
     """Gather the configured sources into a documents folder (see crawl_stage for its key)."""
     run = crawl_stage(cfg, workdir)

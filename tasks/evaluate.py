@@ -149,7 +149,7 @@ def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, 
 CODE = ("tasks.evaluate", "tasks.suites", "model.data", "model.generate", "model.gpt")
 
 
-@task(name="evaluate", persist_result=True, cache_policy=stage.cache_policy(*CODE))
+@task(name="evaluate", **stage.task_options(*CODE))
 def evaluate(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str,
              suites_sha256: dict[str, str] | None = None) -> stage.Manifest:
     """Score the trained model on the held-out split and the configured suites, and sample from it.

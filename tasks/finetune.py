@@ -133,7 +133,7 @@ def data_key_config(cfg: FinetuneConfig, base_sha256: str, data_sha256: str) -> 
             "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "scrub_pii": cfg.scrub_pii}
 
 
-@task(name="sft-data", persist_result=True, cache_policy=stage.cache_policy(*DATA_CODE))
+@task(name="sft-data", **stage.task_options(*DATA_CODE))
 def sft_data(cfg: FinetuneConfig, workdir: str, base_sha256: str, data_sha256: str) -> stage.Manifest:
     """Download the base version and render the conversations (the digests key the cache)."""
     m = stage.run_stage("sft-data", data_key_config(cfg, base_sha256, data_sha256), [], workdir, lambda out, key: build_data(cfg, workdir, out), DATA_CODE)
@@ -184,7 +184,7 @@ def build_training(cfg: FinetuneConfig, data: stage.Manifest, workdir: str, expe
 TRAIN_CODE = ("tasks.finetune", "tasks.pretrain", *pretrain_task.CODE[1:], "model.lora")
 
 
-@task(name="finetune", persist_result=True, cache_policy=stage.cache_policy(*TRAIN_CODE))
+@task(name="finetune", **stage.task_options(*TRAIN_CODE))
 def finetune_train(cfg: FinetuneConfig, data: stage.Manifest, workdir: str, experiment: str) -> stage.Manifest:
     """Train from the base weights on the rendered conversations."""
     key_cfg = cfg.model_dump(mode="json", include={"training", "lora"})
@@ -238,7 +238,7 @@ def build_comparison(cfg: FinetuneConfig, data: stage.Manifest, trained: stage.M
 COMPARE_CODE = ("tasks.finetune", "tasks.evaluate", "tasks.suites", "model.generate", "model.gpt", "model.chat")
 
 
-@task(name="finetune-compare", persist_result=True, cache_policy=stage.cache_policy(*COMPARE_CODE))
+@task(name="finetune-compare", **stage.task_options(*COMPARE_CODE))
 def compare(cfg: FinetuneConfig, data: stage.Manifest, trained: stage.Manifest, workdir: str,
             suites_sha256: dict[str, str]) -> stage.Manifest:
     """Score base and fine-tuned model on the same suites (its config is an evaluate config, so the

@@ -154,7 +154,7 @@ def _prefect_map(jobs: list[tuple]) -> list[dict]:
 CODE = ("tasks.normalize", "tasks.pii", "tasks.quality")
 
 
-@task(name="normalize", persist_result=True, cache_policy=stage.cache_policy(*CODE))
+@task(name="normalize", **stage.task_options(*CODE))
 def normalize(cfg: NormalizeConfig, deduped: stage.Manifest, workdir: str) -> stage.Manifest:
     """Clean, language-filter and length-filter the deduplicated documents."""
     m = stage.run_stage("normalize", cfg, [deduped], workdir,

@@ -190,7 +190,7 @@ def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manife
 CODE = ("tasks.register", "tasks.registry", "model.serving")
 
 
-@task(name="register", persist_result=True, cache_policy=stage.cache_policy(*CODE))
+@task(name="register", **stage.task_options(*CODE))
 def register(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
              workdir: str, extra_tags: dict[str, str] | None = None) -> stage.Manifest:
     """Register the trained, evaluated model in MLflow and move its aliases."""

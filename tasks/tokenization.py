@@ -221,7 +221,7 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path, base: dict | No
 CODE = ("tasks.tokenization",)
 
 
-@task(name="tokenize", persist_result=True, cache_policy=stage.cache_policy(*CODE))
+@task(name="tokenize", **stage.task_options(*CODE))
 def tokenize(cfg: TokenizeConfig, normalized: stage.Manifest, workdir: str, base: dict | None = None) -> stage.Manifest:
     """Train the tokenizer (or take a registered version's: base, from tasks.pretrain.init_base, which
     the flow resolves so that the key holds its weights' sha256) and write packed token shards."""
