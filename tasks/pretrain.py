@@ -366,7 +366,7 @@ CODE = ("tasks.pretrain", "model.checkpoint", "model.config", "model.data", "mod
         "model.train", "model.kernels", model.kernels.SOURCE)
 
 
-@task(name="pretrain", persist_result=True, cache_policy=stage.cache_policy(*CODE))
+@task(name="pretrain", **stage.task_options(*CODE))
 def pretrain(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str,
              upstream: list[stage.Manifest] = (), model_name: str | None = None,
              base: dict | None = None) -> stage.Manifest:
