@@ -99,6 +99,8 @@ def current_run() -> dict:
 
 
 def describe_holder(holder: dict) -> str:
+    if not holder.get("pid"):
+        return "another run (it has not recorded who it is)"
     who = f"flow run {holder.get('flow_run_name') or '?'} ({holder.get('flow_run_id') or 'no id'})"
     if holder.get("deployment"):
         who += f" of deployment {holder['deployment']}"
@@ -126,6 +128,11 @@ def workdir_lock(workdir: str | Path, if_busy: Literal["wait", "fail"] = "wait",
                 break
             except BlockingIOError:
                 holder = read_holder(info)
+                for _ in range(20):  # the holder writes who it is just after taking the lock
+                    if holder.get("pid"):
+                        break
+                    time.sleep(0.1)
+                    holder = read_holder(info)
                 waited = time.monotonic() - started
                 if if_busy == "fail" or (max_wait_s is not None and waited >= max_wait_s):
                     raise WorkdirBusy(f"work directory {wd} is in use by {describe_holder(holder)}; wait for it "

@@ -2,6 +2,7 @@
 (the rules are in tasks/registry.py)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -17,7 +18,7 @@ from prefect import task
 
 import model as model_pkg
 import model.serving
-from model.checkpoint import file_sha256
+from model.checkpoint import disk_full, file_sha256
 from model.faults import fault_point
 from model.generate import WEIGHTS
 from tasks import registry, stage, tracking
@@ -113,8 +114,6 @@ def log_model(trained: stage.Manifest, run_id: str, weights_sha256: str) -> str:
             input_example=(pd.DataFrame({"prompt": ["O Linux é"]}), {"max_new_tokens": 16, "temperature": 0.0}),
             pip_requirements=requirements(), model_config={"weights_sha256": weights_sha256},
             tags={"weights_sha256": weights_sha256},  # with the model, so a retry after any crash finds it
-            # serving loads only weights a registered version vouches for, which this one is not yet
-            validate_serving_input=False,
         )
     return info.model_uri
 
@@ -150,13 +149,29 @@ def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifes
     uri = tracking.tracking_uri(workdir)
     try:
         return _build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, metrics)
-    except (MlflowException, requests.RequestException) as e:
-        if tracking_answers(uri):
+    except (MlflowException, requests.RequestException, OSError) as e:
+        if store_full(e, workdir):
+            raise stage.StageDiskFull(
+                errno.ENOSPC, f"register: the disk holding the MLflow store or its artifacts is full ({e}); free space "
+                f"on the filesystem of {Path(workdir).resolve()} (or the tracking server's) and run again: a retry reuses "
+                f"whatever this attempt registered, and the trained model stays in {trained.folder}") from e
+        if isinstance(e, OSError) or tracking_answers(uri):
             raise
         raise TrackingUnavailable(
             f"the MLflow tracking server at {uri} does not answer ({type(e).__name__}); nothing is lost: the "
             f"trained model stays in its stage folder {trained.folder}. Start the server (or fix "
             "MLFLOW_TRACKING_URI) and run again: a retry reuses whatever this attempt registered") from e
+
+
+def store_full(exc: BaseException, workdir: str) -> bool:
+    """Whether registering failed because a disk filled up: ENOSPC in the chain, or SQLite's own
+    words for it (the MLflow store on a SQLite file reports no errno)."""
+    e: BaseException | None = exc
+    while e is not None:
+        if disk_full(e, Path(workdir)) or "database or disk is full" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
