@@ -43,7 +43,8 @@ class CrawlConfig(Section):
     deadline_s: float = Field(60.0, gt=0, description="total time allowed to read one body")
     retries: int = Field(3, ge=0, description="retries on connection errors, timeouts, 429 and 5xx")
     backoff_s: float = Field(1.0, ge=0, description="first retry pause, doubled each time")
-    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="largest body kept, after decompression")
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="largest document kept: a fetched body after "
+                                "decompression, a WARC record, a folder file or a JSONL line")
     allow_loopback: bool = Field(False, description="allow 127.0.0.0/8 and ::1 (the SSRF guard refuses them by default)")
     user_agent: str = "forja/0.1 (+https://github.com/forja-llm/forja)"
     licence: str = Field("", description="licence or source note stored with every document")
