@@ -217,40 +217,17 @@ def test_tampered_weights_are_refused_before_loading(runs, client, tmp_path):
 
 
 def test_mlflow_models_serve_answers_on_loopback_with_a_response_cache_and_400s(runs, client, tmp_path):
-    import os
     import re
-    import subprocess
-    import sys
-    import time
-
-    import httpx
 
     from model.train import free_port
+    from tests.fixtures.serving import mlflow_serve_command, serve_env, serving
+    from tests.fixtures.serving import invoke as post
 
     port = free_port()
-    bin_dir = Path(sys.executable).parent  # mlflow starts uvicorn from PATH
-    env = dict(os.environ, MLFLOW_TRACKING_URI=runs.tracking_uri, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    log_file = open(tmp_path / "serve.log", "w")
-    mlflow_bin = str(bin_dir / "mlflow")
-    server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/forja-test@champion", "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                              env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "server did not start"
-            time.sleep(1)
-
+    env = serve_env(MLFLOW_TRACKING_URI=runs.tracking_uri)
+    with serving(mlflow_serve_command("models:/forja-test@champion", port), port, env, tmp_path / "serve.log") as url:
         def invoke(prompts, **params):
-            return httpx.post(f"{url}/invocations", timeout=60, json={
-                "dataframe_split": {"columns": ["prompt"], "data": [[p] for p in prompts]}, "params": params})
+            return post(url, prompts, **params)
 
         first = invoke(["O Linux", "A rede"], max_new_tokens=6, temperature=0)
         assert first.status_code == 200, first.text
@@ -272,10 +249,6 @@ def test_mlflow_models_serve_answers_on_loopback_with_a_response_cache_and_400s(
         cached = re.findall(r"(\d+) prompt\(s\), (\d+) from the response cache, ([\d.]+) ms", log_text)
         assert ("2", "2") in [(n, c) for n, c, _ in cached]  # the repeated request generated nothing
         assert min(float(ms) for n, c, ms in cached if n == c) < 5.0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log_file.close()
 
 
 def test_cli_exports_a_registered_version_that_transformers_loads(runs, client, tmp_path):

@@ -211,31 +211,11 @@ def test_an_experiment_with_local_artifacts_on_a_server_is_reported(remote, tmp_
 
 def test_make_serve_serves_the_champion_from_the_tracking_server(remote, tmp_path):
     """`make serve` (mlflow models serve) honours MLFLOW_TRACKING_URI: the champion comes from the server."""
-    import signal
-
-    import httpx
-
     from model.train import free_port
+    from tests.fixtures.serving import invoke, serving
 
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
     env = other_env(remote, tmp_path) | {"MODEL": "forja-test", "SERVE_PORT": str(port)}
-    server = subprocess.Popen(["make", "--no-print-directory", "serve"], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
-        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={
-            "dataframe_split": {"columns": ["prompt"], "data": [["O Linux"]]}, "params": {"max_new_tokens": 3}})
+    with serving(["make", "--no-print-directory", "serve"], port, env, tmp_path / "serve.log") as url:
+        answer = invoke(url, ["O Linux"], max_new_tokens=3)
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1, answer.text
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # make, mlflow and uvicorn
-        server.wait(30)
-        log.close()

@@ -7,7 +7,6 @@ pyfunc is loaded in-process; one test runs the real `mlflow models serve` for th
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -214,37 +213,17 @@ def test_weights_swapped_with_their_in_folder_sha256_rewritten_are_refused(serve
 
 @pytest.mark.fault
 def test_mlflow_models_serve_answers_4xx_for_bad_requests_and_seed_null(served, tmp_path):
-    import subprocess
-    import sys
-
     import httpx
 
     from model.train import free_port
+    from tests.fixtures.serving import mlflow_serve_command, serve_env, serving
+    from tests.fixtures.serving import invoke as post
 
     port = free_port()
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, MLFLOW_TRACKING_URI=served.tracking_uri, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-               **LIMITS, OMP_NUM_THREADS="1")
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/tiny/1", "--env-manager",
-                                   "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                                  env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.3)
-
+    env = serve_env(MLFLOW_TRACKING_URI=served.tracking_uri, **LIMITS, OMP_NUM_THREADS="1")
+    with serving(mlflow_serve_command("models:/tiny/1", port), port, env, tmp_path / "serve.log", 120) as url:
         def invoke(prompts, **params):
-            return httpx.post(f"{url}/invocations", timeout=30, json={
-                "dataframe_split": {"columns": ["prompt"], "data": [[p] for p in prompts]}, "params": params})
+            return post(url, prompts, timeout=30, **params)
 
         ok = invoke(["O Linux"], max_new_tokens=3, temperature=1.0, seed=None)
         assert ok.status_code == 200, ok.text
@@ -262,6 +241,3 @@ def test_mlflow_models_serve_answers_4xx_for_bad_requests_and_seed_null(served, 
         assert 400 <= no_prompt.status_code < 500, no_prompt.text
         null_prompt = invoke([None], max_new_tokens=2, temperature=0)
         assert null_prompt.status_code == 400 and "prompt" in null_prompt.text, null_prompt.text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
