@@ -4,6 +4,7 @@ Each test starts `python -m model.train` (or the deepspeed launcher) as a child 
 kills it with SIGKILL where FORJA_FAULT says, starts it again and compares with a run
 that was never interrupted.
 """
+import builtins
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, models
 
 from model import checkpoint
@@ -125,22 +127,42 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference):
     assert corrupt.returncode != 0 and f"{metrics} line 5 is not JSON" in corrupt.stderr, corrupt.stderr[-3000:]
 
 
+class Planted:
+    """Unpickling this creates the marker file: what an attacker's payload would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+@pytest.mark.fault
 def test_when_no_checkpoint_loads_training_stops_and_keeps_the_metrics(reference):
-    """Every checkpoint corrupt: an error naming each one and why, never a silent restart at step 0."""
+    """Every checkpoint corrupt (one truncated, one a planted pickle): an error naming each one and why,
+    never a silent restart at step 0, never the pickle run."""
     tmp, _ = reference
     spec = make_spec(tmp, "allbad")
     ckpt = tmp / "allbad" / "ckpt"
     shutil.copytree(tmp / "ref" / "ckpt", ckpt)
     (newest,) = (ckpt / "step-9").glob("*.pt")
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated: caught by the sizes in COMMIT.json
+    # A pickle planted in the older one, its size recorded in COMMIT.json as an attacker who can write
+    # the folder would: caught only when loading, and it must never run (torch.load weights_only).
     (older,) = (ckpt / "step-6").glob("*.pt")
-    older.write_bytes(bytes(older.stat().st_size))  # same size, zeros: caught only when loading
+    marker = tmp / "allbad" / "planted-pickle-ran"
+    torch.save({"module": Planted(marker)}, older)
+    commit = json.loads((ckpt / "step-6" / checkpoint.MARKER).read_text())
+    commit["files"][older.name] = older.stat().st_size
+    (ckpt / "step-6" / checkpoint.MARKER).write_text(json.dumps(commit))
     before = (ckpt / "metrics.jsonl").read_bytes()
     failed = run(spec)
+    assert not marker.exists(), "the pickle planted in a checkpoint was executed"
     assert failed.returncode != 0, failed.stdout[-3000:]
     err = failed.stderr
     assert "NoCheckpointLoads" in err and str(ckpt) in err, err[-3000:]
     assert "step-9: mp_rank_00_model_states.pt is 1000 bytes" in err and "step-6: " in err
+    assert "Weights only load failed" in err, err[-3000:]
     assert "pretrain.run_name" in err and "delete" in err
     assert "resumed" not in failed.stdout and "step      1" not in failed.stdout  # no training at all
     assert (ckpt / "metrics.jsonl").read_bytes() == before
