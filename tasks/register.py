@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import requests
 import torch
 from mlflow.exceptions import MlflowException
@@ -106,12 +105,13 @@ def logged_model_uri(run_id: str, weights_sha256: str) -> str | None:
 
 
 def log_model(trained: stage.Manifest, run_id: str, weights_sha256: str) -> str:
-    """Log the servable model (pyfunc) into the training run; its URI."""
+    """Log the servable model (pyfunc) into the training run; its URI. The signature says what it
+    takes; no input example, whose check would load the model before it is registered, which
+    serving refuses (it serves only weights a registered version vouches for)."""
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=model.serving.__file__, artifacts=model_artifacts(trained),
             code_paths=[str(Path(model_pkg.__file__).parent)], signature=SIGNATURE,
-            input_example=(pd.DataFrame({"prompt": ["O Linux é"]}), {"max_new_tokens": 16, "temperature": 0.0}),
             pip_requirements=requirements(), model_config={"weights_sha256": weights_sha256},
             tags={"weights_sha256": weights_sha256},  # with the model, so a retry after any crash finds it
         )
