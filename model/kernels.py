@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,18 @@ def _flags() -> list[str]:
     return flags
 
 
+def own_build_tools() -> None:
+    """Put this interpreter's bin folder first on PATH, so that every process builds and loads
+    compiled ops (these kernels, DeepSpeed's) with the same ninja, the one pip installs beside
+    DeepSpeed. A system ninja of another version keeps its build log in another format: each
+    switch between the two (a shell without the venv on PATH, then a worker with it) rebuilt
+    every op from scratch, about a minute each time."""
+    bin_dir = str(Path(sys.executable).parent)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in parts if p and p != bin_dir])
+
+
 def load():
     """The compiled kernels, building them on first use; None where they cannot be built."""
     global _ops, _failed
@@ -44,6 +57,8 @@ def load():
         _failed = "FORJA_FUSED_KERNELS=0"
         return None
     from torch.utils.cpp_extension import _get_build_directory, load as build
+
+    own_build_tools()
 
     # The name carries the instruction set, so a shared extensions folder never hands an AVX2
     # build to a machine without AVX2.

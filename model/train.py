@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import checkpoint, monitor
+from model import checkpoint, kernels, monitor
 from model.faults import fault_point
 from model.config import ModelConfig
 from model.data import Batches, eval_batches, open_mask, open_rows
@@ -123,6 +123,7 @@ def build_engine(model: GPT, spec: TrainSpec):
     """Wrap model in a DeepSpeed engine with AdamW, warmup-cosine LR and clipping."""
     # DeepSpeed picks its accelerator at import; say it rather than let it guess.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    kernels.own_build_tools()  # DeepSpeed builds its communication op with the same ninja as the kernels
     import deepspeed
 
     ensure_dist_env()
