@@ -166,12 +166,12 @@ def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifes
 def store_full(exc: BaseException, workdir: str) -> bool:
     """Whether registering failed because a disk filled up: ENOSPC in the chain, or SQLite's own
     words for it (the MLflow store on a SQLite file reports no errno)."""
+    if disk_full(exc, Path(workdir)):
+        return True
     e: BaseException | None = exc
-    while e is not None:
-        if disk_full(e, Path(workdir)) or "database or disk is full" in str(e):
-            return True
+    while e is not None and "database or disk is full" not in str(e):
         e = e.__cause__ or e.__context__
-    return False
+    return e is not None
 
 
 def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],

@@ -1,5 +1,4 @@
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pyarrow.parquet as pq
 import pytest
@@ -8,6 +7,7 @@ from tasks import crawl as c
 from tasks.config import CrawlConfig
 from tasks.sites import serve_folder
 from tests.fixtures.docs import read_docs
+from tests.fixtures.loopback import loopback_server
 
 
 def cfg(**kw):
@@ -71,15 +71,11 @@ def test_transient_server_errors_are_retried():
         def log_message(self, *a):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with loopback_server(Flaky) as port:
         f = c.Fetcher(cfg(retries=3))
-        page = f.get(f"http://127.0.0.1:{server.server_address[1]}/a.html")
+        page = f.get(f"http://127.0.0.1:{port}/a.html")
         assert page.status == 200 and hits.count("/a.html") == 3
         f.close()
-    finally:
-        server.shutdown()
 
 
 def test_sniff_encoding_prefers_header_then_meta():

@@ -1,14 +1,14 @@
 """The fetcher against a hostile server on 127.0.0.1: limits, bombs, drips, redirects, SSRF."""
 import gzip
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from tasks.config import CrawlConfig
 from tasks.fetch import CrawlError, Fetcher, Refused, public_address_check
+from tests.fixtures.loopback import loopback_server
 
 HITS: Counter = Counter()
 ROBOTS = {"body": b"User-agent: *\nDisallow: /private/\nCrawl-delay: 2\n", "status": 200}
@@ -96,11 +96,8 @@ BOMB = gzip.compress(b"\0" * (2**30), compresslevel=9)
 
 @pytest.fixture(scope="module")
 def base():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with loopback_server(Hostile) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def fetcher(**kw):

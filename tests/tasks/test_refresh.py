@@ -3,9 +3,8 @@ seeds by conditional requests under crawl.refresh), against real HTTP servers on
 and, for Cached/Completed, under Prefect's test harness."""
 import json
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from tasks import freshness
 from tasks.config import CrawlConfig, DedupeConfig
 from tests.fixtures.docs import read_docs
 from tests.fixtures.site import SENTENCES, page, paragraphs
+from tests.fixtures.loopback import loopback_server
 
 
 def text_page(n: int, version: int = 0) -> bytes:
@@ -79,12 +79,9 @@ class Site:
 @pytest.fixture
 def web():
     site = Site()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), site.handler())
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    site.base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield site
-    server.shutdown()
-    server.server_close()
+    with loopback_server(site.handler()) as port:
+        site.base = f"http://127.0.0.1:{port}"
+        yield site
 
 
 def web_cfg(site, **kw) -> CrawlConfig:

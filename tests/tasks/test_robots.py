@@ -1,14 +1,14 @@
 """robots.txt per RFC 9309 against a real server on 127.0.0.1: longest match, wildcards, ties,
 redirects into disallowed paths, decimal and huge Crawl-delay."""
 import logging
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from tasks.config import CrawlConfig
 from tasks.fetch import MAX_CRAWL_DELAY_S, Fetcher, Refused
+from tests.fixtures.loopback import loopback_server
 
 pytestmark = pytest.mark.fault
 HITS: Counter = Counter()
@@ -56,12 +56,8 @@ class Site(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def base():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Site)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_server(Site) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def fetcher():

@@ -16,6 +16,7 @@ import pytest
 from tasks.config import CrawlConfig
 from tasks.crawl import DocumentSink, crawl_site
 from tasks.fetch import CrawlError, Fetcher, Refused, public_address_check
+from tests.fixtures.loopback import loopback_server
 
 pytestmark = pytest.mark.fault
 PUBLIC = "93.184.215.14"  # a public address; the test's firewall keeps any connection to it on this machine
@@ -41,11 +42,8 @@ class Hits(BaseHTTPRequestHandler):
 def internal():
     """A real 'internal' HTTP server on loopback that the attacker wants the crawler to reach."""
     Hits.hits.clear()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hits)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with loopback_server(Hits) as port:
+        yield port
 
 
 def fake_dns(monkeypatch, host: str, answer):
