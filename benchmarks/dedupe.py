@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tasks.minhash import canonical  # noqa: E402
+from tasks.dedup.minhash import canonical  # noqa: E402
 
 # datasketch, tasks.dedupe and tasks.config are imported where used: dedupe's worker processes are
 # spawned and re-import this file, and should not pay for Prefect's import.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.pii import find  # noqa: E402
+from tasks.text.pii import find  # noqa: E402
 from tests.fixtures.pii_ptbr import KINDS, labelled_set  # noqa: E402
 
 TARGETS = {"EMAIL": 0.99, "IP": 0.99, "CPF": 0.99, "PHONE": 0.95}

@@ -38,7 +38,7 @@ log = logging.getLogger("forja.batch")
 
 def read_prompts(path: Path, column: str = "prompt") -> list[str]:
     """The prompts of a Parquet file (a string column) or a JSONL file ({"prompt": ...} a line)."""
-    from tasks.suites import jsonl_lines
+    from tasks.evals.suites import jsonl_lines
 
     if not path.is_file():
         raise FileNotFoundError(f"batch input {path} does not exist")
@@ -71,7 +71,7 @@ def resolve(model_uri: str, tracking_uri: str):
     """The registered version model_uri names now (an alias is read once, here)."""
     import mlflow
 
-    from tasks import registry, tracking
+    from tasks.models import registry, tracking
 
     tracking.use(tracking_uri)
     return registry.resolve(mlflow.MlflowClient(), model_uri)
@@ -83,7 +83,7 @@ def load(pinned_uri: str, tracking_uri: str):
     never changes, so caching it per process is safe) once per process."""
     import mlflow
 
-    from tasks import registry
+    from tasks.models import registry
 
     version = resolve(pinned_uri, tracking_uri)
     return registry.load_version(mlflow.MlflowClient(), version), f"{version.name}/{version.version}"
@@ -238,7 +238,7 @@ def batch(model_uri: str, input_path: str, output_dir: str, shard_size: int = 25
         fresh: discard output_dir's shards of a previous job and start over.
     """
     from flows.runtime import forward_logs
-    from tasks import tracking
+    from tasks.models import tracking
 
     forward_logs()
     tracking_uri = tracking.tracking_uri(workdir or os.environ.get("FORJA_WORKDIR") or "work")

@@ -118,7 +118,7 @@ def registry_command(args, workdir: Path) -> int:
 
     from mlflow.exceptions import MlflowException
 
-    from tasks import registry, tracking
+    from tasks.models import registry, tracking
 
     client = tracking.client(workdir)
     try:
@@ -199,7 +199,7 @@ def batch_command(args, workdir: Path) -> int:
     import json
 
     from model.generate import Sampling
-    from tasks import registry, tracking
+    from tasks.models import registry, tracking
 
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
@@ -246,14 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         return registry_command(args, workdir)
 
     from tasks.config import ConfigError, load_config
-    from tasks.registry import ModelNotFound
+    from tasks.models.registry import ModelNotFound
 
     try:
         cfg = load_config(args.config, args.overrides)  # fail fast, before Prefect starts
         if args.command == "finetune":
             if cfg.finetune is None:
                 raise ConfigError(f"{args.config} has no finetune section (base_model, data, ...)")
-            from tasks import registry, tracking
+            from tasks.models import registry, tracking
 
             registry.resolve(tracking.client(workdir), cfg.finetune.base_model)  # before Prefect starts
     except (ConfigError, ModelNotFound) as e:

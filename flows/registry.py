@@ -8,7 +8,7 @@ import os
 from prefect import flow
 
 from flows.runtime import forward_logs
-from tasks import registry, tracking
+from tasks.models import registry, tracking
 
 log = logging.getLogger("forja.registry")
 

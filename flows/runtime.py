@@ -162,7 +162,7 @@ def read_holder(info: Path) -> dict:
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The run's page in the MLflow UI when the tracking URI is a server, else None."""
-    from tasks.tracking import is_remote
+    from tasks.models.tracking import is_remote
 
     if not is_remote(tracking_uri):
         return None
@@ -174,7 +174,7 @@ def link_mlflow_run(run_id: str, workdir: str, label: str = "MLflow run") -> Non
     markdown note saying how to open it)."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-    from tasks import tracking
+    from tasks.models import tracking
 
     try:
         client = tracking.client(workdir)

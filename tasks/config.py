@@ -189,7 +189,7 @@ class PretrainConfig(Section):
 
 
 class SuiteConfig(Section):
-    """One evaluation suite: a JSONL file (formats in tasks/suites.py and the README)."""
+    """One evaluation suite: a JSONL file (formats in tasks/evals/suites.py and the README)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="prefix of its metrics: NAME.metric")
     kind: Literal["text", "choice", "classification", "generation"]

@@ -2,8 +2,8 @@
 
 Plain functions (decoding, extraction, the breadth-first walk, the sources) and, at the
 bottom, the Prefect task that wraps them into a stage folder. HTTP rules live in
-tasks/fetch.py, file sources in tasks/sources.py, what the key follows besides the config
-(local content, the refresh window) in tasks/freshness.py, revalidation in tasks/httpcache.py.
+tasks/web/fetch.py, file sources in tasks/ingest/sources.py, what the key follows besides the config
+(local content, the refresh window) in tasks/web/freshness.py, revalidation in tasks/web/httpcache.py.
 
 The key: config + code + a fingerprint of the local sources' content. With crawl.refresh
 and web seeds, the pages are walked first (revalidated when the refresh is due) and the key
@@ -34,10 +34,12 @@ import pyarrow.parquet as pq
 import trafilatura
 from prefect import task
 
-from tasks import fetch, freshness, sites, sources, stage
+from tasks import stage
+from tasks.ingest import sources
+from tasks.web import fetch, freshness, sites
 from tasks.config import CrawlConfig
-from tasks.fetch import CrawlError, Fetcher, Refused
-from tasks.httpcache import HttpCache
+from tasks.web.fetch import CrawlError, Fetcher, Refused
+from tasks.web.httpcache import HttpCache
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.crawl")
@@ -226,7 +228,7 @@ def crawl_site(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: Docume
                cache: HttpCache | None = None, fresh_since: float = math.inf, served: str = "") -> None:
     """Breadth-first walk from seeds within scope, appending documents and counting outcomes.
 
-    With a cache, pages are revalidated (see tasks/fetch.py) and counted by freshness.
+    With a cache, pages are revalidated (see tasks/web/fetch.py) and counted by freshness.
     served is the base URL of serve_dir: its pages are named {serve}/... and never cached
     (the folder's fingerprint already says whether they changed).
     """
@@ -331,7 +333,7 @@ def build(cfg: CrawlConfig, out: Path, cache: HttpCache | None = None, fresh_sin
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.crawl", "tasks.fetch", "tasks.sites", "tasks.sources", "tasks.httpcache", "tasks.freshness")
+CODE = ("tasks.crawl", "tasks.web.fetch", "tasks.web.sites", "tasks.ingest.sources", "tasks.web.httpcache", "tasks.web.freshness")
 
 
 class CrawlRun(NamedTuple):

@@ -28,8 +28,8 @@ from prefect import task
 from tasks import stage
 from tasks.config import DedupeConfig
 from model.faults import fault_point
-from tasks.dedupe_index import DedupeIndex, IndexUnavailable, apply_delta, is_outage, unavailable
-from tasks.minhash import Signer, sign_chunk
+from tasks.dedup.dedupe_index import DedupeIndex, IndexUnavailable, apply_delta, is_outage, unavailable
+from tasks.dedup.minhash import Signer, sign_chunk
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.dedupe")
@@ -56,7 +56,7 @@ def signature_chunks(text_chunks: Iterable[list[str]], cfg: DedupeConfig,
         yield from (signer.sign(c) for c in text_chunks)
         return
     # spawn, not fork: the caller may be a Prefect worker thread while other threads hold
-    # locks. Workers import only tasks.minhash (numpy, pyarrow), not Prefect.
+    # locks. Workers import only tasks.dedup.minhash (numpy, pyarrow), not Prefect.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: deque = deque()
         for chunk in text_chunks:
@@ -217,7 +217,7 @@ def _build(cfg: DedupeConfig, sources: list, out: Path, workdir: str | None, del
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.dedupe", "tasks.minhash", "tasks.dedupe_index")
+CODE = ("tasks.dedupe", "tasks.dedup.minhash", "tasks.dedup.dedupe_index")
 
 
 @task(name="dedupe", **stage.task_options(*CODE))

@@ -1,4 +1,4 @@
-"""evaluate: held-out perplexity and bits per byte, the configured suites (tasks/suites.py), samples."""
+"""evaluate: held-out perplexity and bits per byte, the configured suites (tasks/evals/suites.py), samples."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,11 @@ from prefect import task
 from model.data import eval_batches, open_rows
 from model.checkpoint import file_sha256
 from model.generate import Sampling, generate_text, load_folder
-from tasks import stage, tracking
+from tasks import stage
+from tasks.models import tracking
 from tasks.config import EvaluateConfig, SuiteConfig
 from tasks.reports import publish_counts
-from tasks.suites import Suite, SuiteError, run_suites
+from tasks.evals.suites import Suite, SuiteError, run_suites
 
 log = logging.getLogger("forja.evaluate")
 
@@ -146,7 +147,7 @@ def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, 
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.evaluate", "tasks.suites", "model.data", "model.generate", "model.gpt")
+CODE = ("tasks.evaluate", "tasks.evals.suites", "model.data", "model.generate", "model.gpt")
 
 
 @task(name="evaluate", **stage.task_options(*CODE))

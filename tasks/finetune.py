@@ -36,11 +36,12 @@ from model.checkpoint import file_sha256
 from model.config import ModelConfig
 from model.generate import CONFIG, TOKENIZER
 from tasks import pretrain as pretrain_task
-from tasks import registry, stage, tracking
+from tasks import stage
+from tasks.models import registry, tracking
 from tasks.config import FinetuneConfig
-from tasks.pii import scrub
+from tasks.text.pii import scrub
 from tasks.reports import publish_counts
-from tasks.suites import jsonl_lines
+from tasks.evals.suites import jsonl_lines
 
 log = logging.getLogger("forja.finetune")
 
@@ -124,7 +125,7 @@ def write_sft_data(cfg: FinetuneConfig, tok, seq_len: int, out: Path) -> dict:
     return stats
 
 
-DATA_CODE = ("tasks.finetune", "tasks.pii", "model.chat")
+DATA_CODE = ("tasks.finetune", "tasks.text.pii", "model.chat")
 
 
 def data_key_config(cfg: FinetuneConfig, base_sha256: str, data_sha256: str) -> dict:
@@ -235,7 +236,7 @@ def build_comparison(cfg: FinetuneConfig, data: stage.Manifest, trained: stage.M
     return {**after, "suite_sha256": suite_digests(list(cfg.suites)), "comparison": table}
 
 
-COMPARE_CODE = ("tasks.finetune", "tasks.evaluate", "tasks.suites", "model.generate", "model.gpt", "model.chat")
+COMPARE_CODE = ("tasks.finetune", "tasks.evaluate", "tasks.evals.suites", "model.generate", "model.gpt", "model.chat")
 
 
 @task(name="finetune-compare", **stage.task_options(*COMPARE_CODE))

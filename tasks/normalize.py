@@ -20,8 +20,8 @@ from prefect import task
 
 from tasks import stage
 from tasks.config import NormalizeConfig
-from tasks.pii import scrub
-from tasks.quality import failed_rule
+from tasks.text.pii import scrub
+from tasks.text.quality import failed_rule
 from tasks.reports import publish_counts
 
 log = logging.getLogger("forja.normalize")
@@ -151,7 +151,7 @@ def _prefect_map(jobs: list[tuple]) -> list[dict]:
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.normalize", "tasks.pii", "tasks.quality")
+CODE = ("tasks.normalize", "tasks.text.pii", "tasks.text.quality")
 
 
 @task(name="normalize", **stage.task_options(*CODE))

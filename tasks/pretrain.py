@@ -34,7 +34,8 @@ import model.kernels
 import model.train
 from model.checkpoint import file_sha256
 from model.generate import CONFIG, TOKENIZER, WEIGHTS
-from tasks import registry, stage, tracking
+from tasks import stage
+from tasks.models import registry, tracking
 from tasks.config import PretrainConfig, TokenizeConfig
 from tasks.reports import flat_counts, publish_counts
 

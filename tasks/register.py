@@ -1,5 +1,5 @@
 """register: log the model to MLflow, register a version, and gate the champion alias
-(the rules are in tasks/registry.py)."""
+(the rules are in tasks/models/registry.py)."""
 from __future__ import annotations
 
 import errno
@@ -20,7 +20,8 @@ import model.serving
 from model.checkpoint import disk_full, file_sha256
 from model.faults import fault_point
 from model.generate import WEIGHTS
-from tasks import registry, stage, tracking
+from tasks import stage
+from tasks.models import registry, tracking
 from tasks.config import RegisterConfig
 from tasks.reports import publish_counts
 
@@ -202,7 +203,7 @@ def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manife
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.register", "tasks.registry", "model.serving")
+CODE = ("tasks.register", "tasks.models.registry", "model.serving")
 
 
 @task(name="register", **stage.task_options(*CODE))

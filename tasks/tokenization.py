@@ -170,7 +170,7 @@ def base_tokenizer(base: dict, workdir: str, out: Path) -> Tokenizer:
     """The tokenizer of a registered version (downloaded, its weights sha256 checked), saved in out."""
     import tempfile
 
-    from tasks.tracking import download_base
+    from tasks.models.tracking import download_base
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(download_base(base, workdir, Path(tmp)) / "tokenizer.json", out / "tokenizer.json")

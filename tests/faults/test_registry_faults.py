@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tasks import registry
+from tasks.models import registry
 
 pytestmark = pytest.mark.fault
 ROOT = Path(__file__).resolve().parents[2]

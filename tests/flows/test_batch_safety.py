@@ -31,7 +31,7 @@ class Crash(Exception):
 def two_versions(tmp_path_factory):
     import mlflow
 
-    from tasks import tracking
+    from tasks.models import tracking
 
     workdir = tmp_path_factory.mktemp("batch")
     v1, v2 = register_tiny(workdir, "tinyb", seed=0), register_tiny(workdir, "tinyb", seed=1)
@@ -54,7 +54,7 @@ def outputs(out):
 def test_a_resume_after_the_alias_moved_is_refused_then_fresh_starts_over(two_versions, tmp_path):
     from flows.batch import BatchMismatch, run_batch, write_shard
     from model.generate import Sampling, generate_text
-    from tasks import registry
+    from tasks.models import registry
 
     t = two_versions
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ def api(stack):
     """This process's Prefect and MLflow clients pointed at the stack."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks import tracking
+    from tasks.models import tracking
 
     tracking.use(stack.mlflow_uri)  # this process's MLflow client, without exporting it to the environment
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):

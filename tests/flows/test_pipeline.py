@@ -181,7 +181,7 @@ def test_cli_evaluates_a_registered_version_and_promotes_and_rolls_back(runs, cl
 def test_two_promotions_at_once_leave_champion_on_exactly_the_better_version(runs, client):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks import registry
+    from tasks.models import registry
 
     for v, value in (("1", "2.0"), ("2", "1.0")):  # 2 is better on this made-up metric
         client.set_model_version_tag("forja-test", v, "metric.race.score", value)
@@ -328,7 +328,7 @@ def test_batch_inference_writes_parquet_shards_and_resumes_after_a_crash(runs, c
 
     from flows.batch import batch
     from model.generate import Sampling, generate_text, load_folder
-    from tasks import registry
+    from tasks.models import registry
 
     prompts = [f"O Linux {i}" for i in range(7)]
     src = tmp_path / "prompts.jsonl"
@@ -354,7 +354,7 @@ def test_batch_inference_writes_parquet_shards_and_resumes_after_a_crash(runs, c
 
 
 def test_a_champion_measured_on_another_suite_file_is_rescored_before_the_gate_compares(runs, client):
-    from tasks import registry
+    from tasks.models import registry
 
     for v, value, digest in (("1", "0.50", "old-file"), ("2", "0.40", "new-file")):
         client.set_model_version_tag("forja-test", v, "metric.drift.score", value)

@@ -201,7 +201,7 @@ def test_init_from_continues_from_the_champion_with_its_tokenizer(remote):
 
 
 def test_an_experiment_with_local_artifacts_on_a_server_is_reported(remote, tmp_path, caplog):
-    from tasks import tracking
+    from tasks.models import tracking
 
     remote.client.create_experiment("forja-local-artifacts", artifact_location=(tmp_path / "a").as_uri())
     with caplog.at_level("WARNING", logger="forja.tracking"):

@@ -47,7 +47,8 @@ def register_tiny(workdir: Path, name: str = "tiny", seed: int = 0):
     import mlflow
 
     from model.checkpoint import file_sha256
-    from tasks import register, tracking
+    from tasks import register
+    from tasks.models import tracking
     from tasks.config import RegisterConfig
     from tasks.stage import Manifest
 
@@ -67,7 +68,7 @@ def register_tiny(workdir: Path, name: str = "tiny", seed: int = 0):
 def served(tmp_path_factory):
     import mlflow
 
-    from tasks import tracking
+    from tasks.models import tracking
 
     workdir = tmp_path_factory.mktemp("serving")
     mv = register_tiny(workdir)

@@ -5,7 +5,7 @@ import pytest
 
 from tasks import crawl as c
 from tasks.config import CrawlConfig
-from tasks.sites import serve_folder
+from tasks.web.sites import serve_folder
 from tests.fixtures.docs import read_docs
 from tests.fixtures.loopback import loopback_server
 

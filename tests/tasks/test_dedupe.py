@@ -65,7 +65,7 @@ def test_worker_processes_give_the_same_signatures_and_decisions(monkeypatch):
 
 
 def test_signature_of_a_text_does_not_depend_on_its_batch():
-    from tasks.minhash import Signer
+    from tasks.dedup.minhash import Signer
 
     s = Signer()
     a, b = "um dois tres quatro cinco seis sete oito", "curto"
@@ -76,7 +76,7 @@ def test_signature_of_a_text_does_not_depend_on_its_batch():
 
 
 def test_signature_jaccard_tracks_exact_jaccard():
-    from tasks.minhash import Signer
+    from tasks.dedup.minhash import Signer
 
     words = SENTENCES[0].split() + SENTENCES[1].split() + SENTENCES[2].split()
     a = " ".join(words)
@@ -103,8 +103,8 @@ def test_block_band_keys_find_what_datasketch_query_finds(storage, request):
     directly; an index built that way must answer datasketch's own query() the same."""
     from datasketch import LeanMinHash
 
-    from tasks.dedupe_index import DedupeIndex
-    from tasks.minhash import Signer
+    from tasks.dedup.dedupe_index import DedupeIndex
+    from tasks.dedup.minhash import Signer
 
     extra = {"index": "redis", "redis_url": request.getfixturevalue("redis_url")} if storage == "redis" else {}
     cfg = DedupeConfig(threshold=0.5, **extra)

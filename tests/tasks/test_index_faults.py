@@ -114,7 +114,7 @@ def test_a_planted_pickle_in_the_redis_index_is_never_unpickled(tmp_path, redis_
 def test_a_stalled_redis_times_out_naming_its_url(tmp_path, monkeypatch):
     """A server that accepts connections and never answers: a clear error within the timeout
     (the default timeouts, shortened here; a URL may set its own with ?socket_timeout=)."""
-    from tasks import dedupe_index
+    from tasks.dedup import dedupe_index
 
     monkeypatch.setattr(dedupe_index, "REDIS_TIMEOUT_S", 0.5)
     server = socket.socket()

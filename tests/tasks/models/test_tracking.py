@@ -7,7 +7,8 @@ from dataclasses import asdict
 import mlflow
 import pytest
 
-from tasks import evaluate, pretrain, stage, tracking
+from tasks import evaluate, pretrain, stage
+from tasks.models import tracking
 from tasks import tokenization as t
 from tasks.config import PretrainConfig, TokenizeConfig
 from tests.tasks.test_tokenization import CFG, corpus_file
@@ -125,7 +126,7 @@ def test_init_from_needs_the_flow_to_resolve_it_and_agree_with_tokenizer_from(tm
 def test_one_work_directorys_store_does_not_leak_into_the_next(tmp_path, monkeypatch):
     """tracking.client(A) must not make A's store the answer for work directory B (mlflow's own
     set_tracking_uri exports MLFLOW_TRACKING_URI, which forja reads as the user's choice)."""
-    from tasks import tracking
+    from tasks.models import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracking.client(tmp_path / "a")

@@ -7,7 +7,7 @@
   <workdir>/crawl-refresh/ says when the current window started and which crawl it
   produced. Within the window Prefect's cache key (and the stage folder) stay the same;
   once it has run out a new window starts, the key changes, and the crawl revalidates
-  every page with conditional requests (tasks/httpcache.py).
+  every page with conditional requests (tasks/web/httpcache.py).
 
 `CrawlSources` adds both to the crawl task's Prefect cache key.
 """

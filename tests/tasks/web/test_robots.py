@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from tasks.config import CrawlConfig
-from tasks.fetch import MAX_CRAWL_DELAY_S, Fetcher, Refused
+from tasks.web.fetch import MAX_CRAWL_DELAY_S, Fetcher, Refused
 from tests.fixtures.loopback import loopback_server
 
 pytestmark = pytest.mark.fault

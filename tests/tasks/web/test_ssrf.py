@@ -15,7 +15,7 @@ import pytest
 
 from tasks.config import CrawlConfig
 from tasks.crawl import DocumentSink, crawl_site
-from tasks.fetch import CrawlError, Fetcher, Refused, public_address_check
+from tasks.web.fetch import CrawlError, Fetcher, Refused, public_address_check
 from tests.fixtures.loopback import loopback_server
 
 pytestmark = pytest.mark.fault

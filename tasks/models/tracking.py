@@ -85,7 +85,7 @@ def download_base(base: dict, workdir: str | Path, dst: Path) -> Path:
     """The model folder of a base version (base: tasks.pretrain.base_version's NAME/VERSION and
     weights sha256) downloaded into dst and sha256-checked; an error if the version now holds
     other weights than when the flow resolved it."""
-    from tasks import registry
+    from tasks.models import registry
 
     c = client(workdir)
     version = registry.resolve(c, f"models:/{base['version']}")

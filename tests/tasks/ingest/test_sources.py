@@ -6,7 +6,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from tasks import crawl as c
-from tasks import sources
+from tasks.ingest import sources
 from tasks.config import CrawlConfig
 from tests.fixtures.docs import read_docs
 
@@ -94,7 +94,7 @@ def test_bad_documents_are_set_aside_not_fatal(tmp_path):
 
 
 def test_seed_list_without_following_links(site, tmp_path):
-    from tasks.sites import serve_folder
+    from tasks.web.sites import serve_folder
 
     with serve_folder(site) as base:
         seeds = tmp_path / "seeds.txt"

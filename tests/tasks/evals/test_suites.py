@@ -9,10 +9,10 @@ import torch
 from model.config import ModelConfig
 from model.gpt import GPT
 from tasks.config import TokenizeConfig
-from tasks.suites import Scorer, Suite, SuiteError, macro_f1, read_suite, run_suites, score_text, token_f1
+from tasks.evals.suites import Scorer, Suite, SuiteError, macro_f1, read_suite, run_suites, score_text, token_f1
 from tasks.tokenization import train_tokenizer
 
-SENTENCES = Path(__file__).resolve().parents[1] / "fixtures" / "pt_sentences.txt"
+SENTENCES = Path(__file__).resolve().parents[2] / "fixtures" / "pt_sentences.txt"
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tasks.config import CrawlConfig
-from tasks.fetch import HTML_TYPES, BoundedDecoder, media_type
+from tasks.web.fetch import HTML_TYPES, BoundedDecoder, media_type
 
 log = logging.getLogger("forja.crawl")
 FOLDER_SUFFIXES = {".html": "text/html", ".htm": "text/html", ".txt": "text/plain", ".md": "text/markdown"}

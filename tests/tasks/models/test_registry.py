@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TEXT = "O Linux é um sistema operacional livre. O comando cp copia arquivos e o ping testa a rede. " * 4
 
 
@@ -88,7 +88,7 @@ def store(tmp_path_factory):
 def training_run(workdir: Path) -> str:
     import mlflow
 
-    from tasks import tracking
+    from tasks.models import tracking
 
     experiment = tracking.setup(workdir, "reg-test")
     return mlflow.MlflowClient().create_run(experiment).info.run_id
@@ -174,7 +174,7 @@ def test_a_tracking_server_that_is_down_fails_naming_it_and_the_stage_folder(tmp
 # ---- a champion moved by hand ----------------------------------------------------------------
 
 def test_a_champion_moved_by_hand_is_shown_gated_against_and_rolled_back_from(tmp_path, store):
-    from tasks import registry
+    from tasks.models import registry
 
     work = str(tmp_path / "work")
     versions(store, "hand", [3.0, 2.0, 1.0, 2.5])  # lower is better: 3 is the best
@@ -208,7 +208,7 @@ def test_a_champion_moved_by_hand_is_shown_gated_against_and_rolled_back_from(tm
 
 
 def test_rollback_without_history_is_a_clear_error_and_old_models_keep_their_previous_champion(tmp_path, store):
-    from tasks import registry
+    from tasks.models import registry
 
     work = str(tmp_path / "work")
     versions(store, "fresh", [1.0])
@@ -225,7 +225,7 @@ def test_rollback_without_history_is_a_clear_error_and_old_models_keep_their_pre
 
 
 def test_the_history_stays_within_one_tag_and_rollback_still_walks_it(store):
-    from tasks import registry
+    from tasks.models import registry
 
     versions(store, "long", [1.0, 2.0])
     long = [{"version": str(1 + i % 2), "by": "forja promote", "at": "2030-01-01T00:00:00Z"} for i in range(99)]
@@ -240,7 +240,7 @@ def test_the_history_stays_within_one_tag_and_rollback_still_walks_it(store):
 # ---- the registry lock ------------------------------------------------------------------------
 
 def test_a_file_lock_that_stays_busy_times_out_naming_its_holder(tmp_path):
-    from tasks.registry_lock import RegistryLockTimeout, _file_lock
+    from tasks.models.registry_lock import RegistryLockTimeout, _file_lock
 
     with _file_lock(tmp_path, "m", 5):
         with pytest.raises(RegistryLockTimeout) as e:
@@ -282,7 +282,7 @@ def prefect_server(tmp_path_factory):
 def test_a_prefect_lock_that_stays_busy_times_out_naming_the_limit_and_holder(prefect_server, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.registry_lock import RegistryLockTimeout, lock_name, registry_lock
+    from tasks.models.registry_lock import RegistryLockTimeout, lock_name, registry_lock
 
     held, done = threading.Event(), threading.Event()
 
@@ -315,7 +315,8 @@ def _child(spec_path: str) -> None:
     """One registration in its own process (see the test below): waits for the go signal, then
     register.build with the critical section's enter and exit times recorded."""
     spec = json.loads(Path(spec_path).read_text())
-    from tasks import register, registry
+    from tasks import register
+    from tasks.models import registry
     from tasks.config import RegisterConfig
     from tasks.stage import Manifest
 
@@ -363,7 +364,7 @@ def test_registrations_from_three_work_directories_are_serialised_by_the_prefect
         path.write_text(json.dumps(spec))
         specs.append(spec)
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", f"from tests.tasks.test_registry import _child; _child({str(path)!r})"], cwd=ROOT,
+            [sys.executable, "-c", f"from tests.tasks.models.test_registry import _child; _child({str(path)!r})"], cwd=ROOT,
             env=quiet_env(PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"],
                           OMP_NUM_THREADS="1"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

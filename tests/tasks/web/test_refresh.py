@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks import crawl as c
-from tasks import freshness
+from tasks.web import freshness
 from tasks.config import CrawlConfig, DedupeConfig
 from tests.fixtures.docs import read_docs
 from tests.fixtures.site import SENTENCES, page, paragraphs

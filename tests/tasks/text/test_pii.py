@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from tasks.pii import cpf_valid, find, scrub
+from tasks.text.pii import cpf_valid, find, scrub
 from tests.fixtures.pii_ptbr import KINDS, labelled_set
 
 # Each was missed (or half-scrubbed) by the first detector.

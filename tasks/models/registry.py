@@ -12,7 +12,7 @@ gate compares against the champion a person picked and `forja rollback` walks ba
 the versions that really were champion. `forja.previous_champion` still names the version
 the last move left, for tools that read it.
 
-Writes to a registered model hold its registry lock (tasks/registry_lock.py: a Prefect
+Writes to a registered model hold its registry lock (tasks/models/registry_lock.py: a Prefect
 global concurrency limit shared by every machine, or a file lock on one machine), so two
 registrations at once cannot both read the old champion and both move the alias, nor
 register the same weights twice.
@@ -28,7 +28,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from model.faults import fault_point
-from tasks.registry_lock import RegistryLockError, RegistryLockTimeout, registry_lock  # noqa: F401
+from tasks.models.registry_lock import RegistryLockError, RegistryLockTimeout, registry_lock  # noqa: F401
 
 log = logging.getLogger("forja.registry")
 

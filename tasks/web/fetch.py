@@ -10,7 +10,7 @@
 - Limits: body size (counted after decompression, which is done here in bounded steps,
   so a gzip bomb stops at the limit), a total deadline per fetch (slow drip), at most 5
   redirects, non-HTML refused from the headers before any body is read.
-- SSRF guard (tasks/netguard.py): every hop's host is resolved once, within crawl.timeout_s
+- SSRF guard (tasks/web/netguard.py): every hop's host is resolved once, within crawl.timeout_s
   (a stalled lookup fails that URL as dns_timeout), and refused if any address is not public
   (loopback, private, link-local, reserved, and the IPv4 inside IPv4-mapped, -compatible,
   NAT64 and 6to4 IPv6 spellings), numeric spellings such as 2130706433 or 0x7f.0.0.1 too;
@@ -35,9 +35,9 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from protego import Protego
 
-from tasks import netguard
+from tasks.web import netguard
 from tasks.config import CrawlConfig
-from tasks.httpcache import Entry, HttpCache
+from tasks.web.httpcache import Entry, HttpCache
 
 log = logging.getLogger("forja.crawl")
 
@@ -84,7 +84,7 @@ def media_type(content_type: str) -> str:
 
 
 def public_address_check(url: str, allow_loopback: bool, timeout: float = 15.0) -> netguard.Target:
-    """The vetted target of url (see tasks/netguard.py), or Refused / CrawlError naming why not."""
+    """The vetted target of url (see tasks/web/netguard.py), or Refused / CrawlError naming why not."""
     try:
         return netguard.vet(url, allow_loopback, timeout)
     except netguard.Blocked as e:

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from tasks.config import CrawlConfig
-from tasks.fetch import CrawlError, Fetcher, Refused, public_address_check
+from tasks.web.fetch import CrawlError, Fetcher, Refused, public_address_check
 from tests.fixtures.loopback import loopback_server
 
 HITS: Counter = Counter()

@@ -19,9 +19,9 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from tasks import crawl as c
-from tasks import sources
+from tasks.ingest import sources
 from tasks.config import CrawlConfig
-from tests.tasks.test_sources import write_warc
+from tests.tasks.ingest.test_sources import write_warc
 
 pytestmark = pytest.mark.fault
 CAP = CrawlConfig.model_fields["max_body_bytes"].default  # the crawl's cap on one fetched body

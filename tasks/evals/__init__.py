@@ -1,0 +1,1 @@
+"""Evaluation suites: the formats and their scoring."""

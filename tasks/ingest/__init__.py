@@ -1,0 +1,1 @@
+"""Reading documents from files for the crawl stage: WARC, folders, JSONL."""

@@ -1,0 +1,1 @@
+"""What is kept of trained models: MLflow tracking, the registry and its lock."""

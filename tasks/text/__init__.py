@@ -1,0 +1,1 @@
+"""Text filters for normalize and fine-tuning: quality rules and PII scrubbing."""
