@@ -25,13 +25,21 @@ class JsonlSource(Section):
     id_field: str | None = Field(None, description="a field to name each record by; default: its line number")
 
 
+class ParquetSource(Section):
+    path: str = Field(description="a Parquet file, or a glob of them (one unit of work per file)")
+    text_field: str = "text"
+    id_field: str | None = Field(None, description="a column to name each row by; default: its row number")
+
+
 class CrawlConfig(Section):
     seeds: list[str] = Field(default_factory=list, description="start URLs; '{serve}' is replaced by serve_dir's address")
     seed_files: list[str] = Field(default_factory=list, description="files of URLs, one a line ('#' comments)")
     warc: list[str] = Field(default_factory=list, description="WARC files (.warc or .warc.gz): response records")
     folders: list[str] = Field(default_factory=list, description="local folders of .html/.htm/.txt/.md documents "
                                "(like every local source, their content is part of the crawl key)")
-    jsonl: list[JsonlSource] = Field(default_factory=list, description="JSONL files, one document a line")
+    jsonl: list[JsonlSource] = Field(default_factory=list, description="JSONL files (.jsonl or .jsonl.gz), one "
+                                     "document a line")
+    parquet: list[ParquetSource] = Field(default_factory=list, description="Parquet files with a text column")
     serve_dir: str | None = Field(None, description="a local folder to serve on 127.0.0.1 while crawling (demo, "
                                   "tests); its pages are named {serve}/path and its content is part of the crawl key")
     path_prefixes: list[str] = Field(default_factory=list, description="in-scope path prefixes; default: each seed's folder")
@@ -49,6 +57,13 @@ class CrawlConfig(Section):
     user_agent: str = "forja/0.1 (+https://github.com/forja-llm/forja)"
     licence: str = Field("", description="licence or source note stored with every document")
     shard_docs: int = Field(5000, ge=1, description="documents per output shard; later stages map over shards")
+    max_file_bytes: int = Field(64 * 2**30, ge=1024, description="most bytes read (after decompression) from one "
+                                "input file (WARC, JSONL, Parquet); the rest of a file past it is skipped and counted")
+    concurrency: int = Field(8, ge=1, description="hosts crawled at once; each host keeps its own delay, robots "
+                             "and connection limit")
+    host_connections: int = Field(1, ge=1, description="requests in flight to one host at a time")
+    max_frontier: int = Field(100_000, ge=1, description="most URLs waiting to be fetched; links found past it are "
+                              "counted as frontier_full and not queued")
     refresh: str | None = Field(
         None, description="web seeds: revalidate the pages after this long (e.g. 7d, 12h, 30m) with conditional "
         "requests (If-None-Match / If-Modified-Since): an unchanged page costs a 304 and keeps its document, a "
@@ -58,8 +73,8 @@ class CrawlConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if not (self.seeds or self.seed_files or self.warc or self.folders or self.jsonl):
-            raise ValueError("crawl needs at least one source: seeds, seed_files, warc, folders or jsonl")
+        if not (self.seeds or self.seed_files or self.warc or self.folders or self.jsonl or self.parquet):
+            raise ValueError("crawl needs at least one source: seeds, seed_files, warc, folders, jsonl or parquet")
         if self.refresh is not None:
             self.refresh_seconds  # noqa: B018 - parses, raising a message that names the field
         return self
@@ -139,6 +154,9 @@ class TokenizeConfig(Section):
     seq_len: int = Field(256, ge=8, description="tokens per training sequence (the model's context)")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     shard_rows: int = Field(8192, ge=1)
+    train_sample_bytes: int = Field(200_000_000, ge=10_000, description="the BPE is trained on at most this many "
+                                    "bytes of training text (a seeded sample spread over every shard), so memory "
+                                    "does not grow with the corpus")
     seed: int = 0
     tokenizer_from: str | None = Field(
         None, pattern=r"^models:/", description="models:/NAME@ALIAS or /VERSION: encode with that registered "

@@ -7,6 +7,7 @@ would take for finished.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib
@@ -20,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from dataclasses import dataclass
 
@@ -97,6 +98,30 @@ def code_version(modules: list[ModuleType | str | Path]) -> str:
 def stage_key(stage: str, config: dict, inputs: dict[str, str], code: str) -> str:
     blob = json.dumps({"stage": stage, "config": config, "inputs": inputs, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+PART = ".part-"  # the prefix of a unit's file while it is being written (see partial())
+
+
+@contextlib.contextmanager
+def partial(path: Path) -> Iterator[Path]:
+    """Write one output file atomically: yield a hidden temp name beside path, rename it to path
+    when the block ends without error. A unit of work killed mid-write (a lost worker) leaves
+    only a `.part-*` file, which run_stage removes before listing the folder: no reader ever
+    sees half a shard, and a rerun of the unit simply writes it again."""
+    tmp = path.with_name(f"{PART}{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _drop_partials(folder: Path) -> None:
+    for p in folder.rglob(f"{PART}*"):
+        log.info("removing %s, left by a unit of work that did not finish", p)
+        p.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -225,6 +250,7 @@ def run_stage(
         tmp.mkdir(parents=True)
         stats = build(tmp, key)
         fault_point(f"stage:{stage}:built")
+        _drop_partials(tmp)
         files = [
             FileEntry(path=str(p.relative_to(tmp)), bytes=p.stat().st_size, sha256=sha256_file(p))
             for p in sorted(tmp.rglob("*"))
