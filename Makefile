@@ -90,6 +90,7 @@ bench: install
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/quality.py
 	OMP_NUM_THREADS=$$(nproc) $(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/pii.py
+	$(BIN)/python benchmarks/data.py
 
 clean:
 	rm -rf $(WORKDIR)
