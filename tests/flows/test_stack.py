@@ -265,8 +265,14 @@ def test_compose_file_runs_the_stack_commands_with_state_on_volumes():
                for name, svc in services.items()}
     assert "/var/lib/postgresql/data" in volumes["postgres"] and "/data" in volumes["redis"]
     assert "/data/mlartifacts" in volumes["mlflow"] and "/data/prefect" in volumes["prefect-server"]
-    for worker in ("worker", "worker-cuda", "deploy"):
+    for worker in ("worker", "worker-cuda", "deploy", "dask-worker"):
         assert "/app/work" in volumes[worker], worker
+    # the data stages' units on Dask: workers join the scheduler the flow's runner names
+    scheduler, dask_worker = services["dask-scheduler"]["command"], services["dask-worker"]["command"]
+    port = scheduler[scheduler.index("--port") + 1]
+    assert dask_worker[:3] == ["dask", "worker", f"tcp://dask-scheduler:{port}"]
+    assert services["dask-worker"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert services["worker"]["environment"]["FORJA_RUNNER"] == "local"  # unless FORJA_RUNNER is set
     assert set(config["volumes"]) >= {s for v in volumes.values() for s in v.values()}
     # the worker is the forja image; the GPU variant builds Dockerfile.cuda and reserves GPUs
     assert services["worker"]["build"]["dockerfile"].endswith("Dockerfile") and "forja" in services["worker"]["image"]
