@@ -1,6 +1,7 @@
 """The `forja` command line.
 
-    forja run CONFIG.yaml [--set section.key=value ...] [--workdir DIR]
+    forja run CONFIG.yaml [--set section.key=value ...] [--workdir DIR] [--runner R]
+    forja data CONFIG.yaml [--set ...] [--workdir DIR] [--runner R]  crawl..tokenize only; JSON summary
     forja finetune CONFIG.yaml [--set ...] [--workdir DIR]  fine-tune finetune.base_model on finetune.data
     forja batch models:/NAME@ALIAS INPUT OUTPUT_DIR   prompts (Parquet/JSONL) -> Parquet shards, resumable
     forja evaluate models:/NAME@ALIAS CONFIG.yaml     the config's evaluate suites; JSON last line
@@ -52,6 +53,19 @@ def parser() -> argparse.ArgumentParser:
                      help="where stage folders, MLflow and Prefect data go (default: $FORJA_WORKDIR or ./work)")
     run.add_argument("--wait", action="store_true",
                      help="if another run holds the work directory, wait for it (default: fail at once, naming it)")
+    dt = sub.add_parser("data", help="build the corpus and token shards only (crawl, dedupe, normalize, tokenize)",
+                        description="Run the data flow on CONFIG: the pipeline's first four stages, cached in the "
+                        "same stage folders. The last line printed is a JSON summary (each stage's key, folder "
+                        "and counts).")
+    dt.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    dt.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    dt.add_argument("--workdir", default=None)
+    dt.add_argument("--wait", action="store_true", help="wait for a run holding the work directory")
+    for cmd in (run, dt):
+        cmd.add_argument("--runner", default=None, metavar="R",
+                         help="where the data stages' units of work run: local (processes on this machine, the "
+                         "default), dask (a Dask cluster on this machine for this run) or tcp://HOST:PORT (an "
+                         "existing Dask scheduler); default $FORJA_RUNNER, else local")
     ft = sub.add_parser("finetune", help="fine-tune a registered model on conversations (the config's finetune section)",
                         description="Run the fine-tuning flow: finetune.base_model on finetune.data through the "
                         "chat template, then its suites before and after, then register and gate the result.")
@@ -242,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_env(workdir)
     if args.command == "batch":
         return batch_command(args, workdir)
-    if args.command not in ("run", "finetune"):
+    if args.command not in ("run", "finetune", "data"):
         return registry_command(args, workdir)
 
     from tasks.config import ConfigError, load_config
@@ -256,7 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.models import registry, tracking
 
             registry.resolve(tracking.client(workdir), cfg.finetune.base_model)  # before Prefect starts
-    except (ConfigError, ModelNotFound) as e:
+        else:
+            from flows.runners import check_scheduler, resolve
+
+            runner = resolve(args.runner)  # a bad spelling or a silent scheduler: before Prefect starts
+            if runner.startswith("tcp://"):
+                check_scheduler(runner)
+    except (ConfigError, ModelNotFound, ValueError) as e:
         print(f"forja: {e}", file=sys.stderr)
         return 2
     from flows.runtime import WorkdirBusy
@@ -270,9 +290,18 @@ def main(argv: list[str] | None = None) -> int:
             result = finetune(config_path=args.config, overrides=args.overrides, workdir=str(workdir), if_busy=busy)
             report_finetune(result, time.time() - t0)
             return 0
+        if args.command == "data":
+            import json
+
+            from flows.pipeline import data
+
+            print(json.dumps(data(config_path=args.config, overrides=args.overrides, workdir=str(workdir),
+                                  if_busy=busy, runner=runner)))
+            return 0
         from flows.pipeline import pipeline
 
-        result = pipeline(config_path=args.config, overrides=args.overrides, workdir=str(workdir), if_busy=busy)
+        result = pipeline(config_path=args.config, overrides=args.overrides, workdir=str(workdir), if_busy=busy,
+                          runner=runner)
     except WorkdirBusy as e:
         print(f"forja: {e} (or pass --wait)", file=sys.stderr)
         return 2

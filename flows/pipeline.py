@@ -1,4 +1,9 @@
-"""The pipeline flow: crawl -> dedupe -> normalize -> tokenize -> pretrain -> evaluate -> register."""
+"""The flows that build a model: `forja-data` (crawl -> dedupe -> normalize -> tokenize) and
+`forja-pipeline` (the same data stages, then pretrain -> evaluate -> register).
+
+Both take a `runner` parameter: where the data stages' units of work run (flows.runners).
+The runner never enters a stage key: the same config gives the same folders on any runner.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,6 +13,7 @@ from typing import Literal
 
 from prefect import flow
 
+from flows.runners import open_runner, resolve
 from flows.runtime import forward_logs, link_mlflow_run, with_policy, workdir_lock
 from tasks.config import load_config
 from tasks.crawl import crawl
@@ -28,9 +34,55 @@ def default_workdir() -> str:
     return os.environ.get("FORJA_WORKDIR") or "work"
 
 
+def build_corpus(cfg, wd: str, runner: str | None) -> list:
+    """crawl -> dedupe -> normalize -> tokenize with their units on one runner opened for them
+    (a `dask` cluster lives only this long: training does not share the machine with it).
+    The manifests of the four stages, in order."""
+    with open_runner(runner):
+        crawled = with_policy(crawl)(cfg.crawl, wd)
+        deduped = with_policy(dedupe)(cfg.dedupe, crawled, wd)
+        normalized = with_policy(normalize)(cfg.normalize, deduped, wd)
+        base = init_base(cfg.pretrain, cfg.tokenize, wd)  # pretrain.init_from's version (its tokenizer), or None
+        tokens = with_policy(tokenize)(cfg.tokenize, normalized, wd, base)
+    return [crawled, deduped, normalized, tokens]
+
+
+def data_summary(manifests: list, wd: str, runner: str, seconds: float) -> dict:
+    """What `forja data` prints: each stage's folder, key and counts (the numbers in its stats)."""
+    stages = {}
+    for m in manifests:
+        counts = {k: v for k, v in m.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        stages[m.stage] = {"key": m.key, "folder": m.folder, "files": len(m.files), "counts": counts}
+    return {"workdir": wd, "runner": runner, "seconds": round(seconds, 1), "stages": stages}
+
+
+@flow(name="forja-data", log_prints=True)
+def data(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None, workdir: str = "",
+         runner: str = "", if_busy: Literal["wait", "fail"] = "wait") -> dict:
+    """Build the corpus and its token shards from one config file (the pipeline's first four stages).
+
+    Args:
+        config_path: YAML config in configs/ (relative to the repository root the worker runs in).
+        overrides: config values to change for this run, one `section.key=value` each.
+        workdir: where stage folders go; empty: $FORJA_WORKDIR, else ./work.
+        runner: where the stages' units run: `local` (processes here), `dask` (a Dask cluster
+            started for the run) or `tcp://HOST:PORT` (an existing scheduler); empty: $FORJA_RUNNER, else local.
+        if_busy: when another run holds the work directory: `wait` for it, or `fail` at once.
+    """
+    forward_logs()
+    started = time.time()
+    cfg = load_config(config_path, overrides or [])
+    resolve(runner or None)  # a misspelt runner fails here, before any stage
+    wd = os.path.abspath(workdir or default_workdir())
+    with workdir_lock(wd, if_busy):
+        manifests = build_corpus(cfg, wd, runner or None)
+    summarize(manifests, started)
+    return data_summary(manifests, wd, resolve(runner or None), time.time() - started)
+
+
 @flow(name="forja-pipeline", log_prints=True)
 def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-             workdir: str = "", if_busy: Literal["wait", "fail"] = "wait") -> dict:
+             workdir: str = "", if_busy: Literal["wait", "fail"] = "wait", runner: str = "") -> dict:
     """Build a corpus, train, evaluate and register a model from one config file.
 
     Args:
@@ -40,17 +92,17 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         workdir: where stage folders, checkpoints and the local MLflow/Prefect data go;
             empty: $FORJA_WORKDIR, else ./work.
         if_busy: when another run holds the work directory: `wait` for it, or `fail` at once.
+        runner: where the data stages' units run: `local` (processes here), `dask` (a Dask cluster
+            started for the run) or `tcp://HOST:PORT` (an existing scheduler); empty: $FORJA_RUNNER, else local.
     """
     forward_logs()
     started = time.time()
     cfg = load_config(config_path, overrides or [])  # a bad config fails here, before any stage
+    resolve(runner or None)  # so does a misspelt runner
     wd = os.path.abspath(workdir or default_workdir())
     with workdir_lock(wd, if_busy):
-        crawled = with_policy(crawl)(cfg.crawl, wd)
-        deduped = with_policy(dedupe)(cfg.dedupe, crawled, wd)
-        normalized = with_policy(normalize)(cfg.normalize, deduped, wd)
-        base = init_base(cfg.pretrain, cfg.tokenize, wd)  # pretrain.init_from's version (its tokenizer), or None
-        tokens = with_policy(tokenize)(cfg.tokenize, normalized, wd, base)
+        crawled, deduped, normalized, tokens = build_corpus(cfg, wd, runner or None)
+        base = init_base(cfg.pretrain, cfg.tokenize, wd)
         trained = with_policy(pretrain)(cfg.pretrain, tokens, wd, cfg.register.experiment,
                                         [crawled, deduped, normalized], cfg.register.model_name, base)
         link_mlflow_run(trained.stats["mlflow_run_id"], wd, "MLflow training run")

@@ -4,11 +4,34 @@ A stage task calls map_units(unit_task, jobs) with one tuple of arguments per un
 writes its own files into the stage's temp folder (atomically, through stage.partial) and
 returns small counts. Inside a flow run every unit is a task run of its own, so the Prefect UI
 shows them; outside one (plain function calls, tests) the units run here one after another.
-Which runner executes them (processes on this machine, or a Dask cluster) is chosen per run.
+
+Which runner executes them (processes on this machine, or a Dask cluster) is chosen per run:
+the flow opens it once (flows.runners.open_runner) and installs it here with use_runner(), so
+the stage tasks themselves stay in the flow process and only their units travel. Without an
+installed runner the flow's own task runner is used.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
+
+_RUNNER: contextvars.ContextVar = contextvars.ContextVar("forja_unit_runner", default=None)
+
+
+@contextlib.contextmanager
+def use_runner(runner) -> Iterator[None]:
+    """Send every map_units call made inside this block to `runner` (a started Prefect TaskRunner)."""
+    token = _RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _RUNNER.reset(token)
+
+
+def current_runner():
+    """The runner installed by use_runner, or None."""
+    return _RUNNER.get()
 
 
 def map_units(unit, jobs: Sequence[tuple]) -> list[Any]:
@@ -18,7 +41,18 @@ def map_units(unit, jobs: Sequence[tuple]) -> list[Any]:
         return []
     from prefect.context import FlowRunContext, TaskRunContext
 
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx is None and TaskRunContext.get() is None:
         return [unit.fn(*job) for job in jobs]
-    futures = unit.map(*[list(column) for column in zip(*jobs)])
+    runner = _RUNNER.get() or getattr(flow_ctx, "task_runner", None)
+    if runner is None:  # inside a task run that has no flow (e.g. a background task): in place
+        return [unit.fn(*job) for job in jobs]
+    parameters = {name: list(column) for name, column in zip(_positional_names(unit), zip(*jobs))}
+    futures = runner.map(unit, parameters)
     return [f.result() for f in futures]
+
+
+def _positional_names(unit) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(unit.fn).parameters)

@@ -18,7 +18,9 @@ from langdetect import DetectorFactory, detect_langs
 from langdetect.lang_detect_exception import LangDetectException
 from prefect import task
 
+from model.faults import fault_point
 from tasks import stage
+from tasks.mapping import map_units
 from tasks.config import NormalizeConfig
 from tasks.text.pii import scrub
 from tasks.text.quality import failed_rule
@@ -76,8 +78,12 @@ def build_shard(cfg: NormalizeConfig, documents: Path, out: Path, index: int, ba
     n_in = n_kept = chars = 0
     reasons, pii = Counter(), Counter()
     examples: dict[str, list[dict]] = {}
-    with pq.ParquetWriter(out / stage.shard_name("documents", index), schema, compression="zstd") as kept_out, \
-         pq.ParquetWriter(out / stage.shard_name("rejected", index), rejected_schema, compression="zstd") as rejected_out:
+    # Both files are written under temp names and renamed only when the shard is complete: a unit
+    # killed mid-shard (a lost worker) leaves nothing a reader would take, and its rerun starts over.
+    with stage.partial(out / stage.shard_name("documents", index)) as kept_path, \
+         stage.partial(out / stage.shard_name("rejected", index)) as rejected_path, \
+         pq.ParquetWriter(kept_path, schema, compression="zstd") as kept_out, \
+         pq.ParquetWriter(rejected_path, rejected_schema, compression="zstd") as rejected_out:
         for batch in source.iter_batches(batch_size=batch_rows):
             kept, rejected = [], []
             for row in batch.to_pylist():
@@ -99,6 +105,7 @@ def build_shard(cfg: NormalizeConfig, documents: Path, out: Path, index: int, ba
             n_kept += len(kept)
             kept_out.write_table(pa.Table.from_pylist(kept, schema=schema))
             rejected_out.write_table(pa.Table.from_pylist(rejected, schema=rejected_schema))
+            fault_point("unit:normalize-shard:writing")  # half a shard on disk (the fault tests kill here)
     log.info("normalize: shard %d: kept %d of %d", index, n_kept, n_in)
     return {"documents_in": n_in, "documents_out": n_kept, "dropped": dict(reasons), "pii_replaced": dict(pii),
             "chars_out": chars, "examples": examples}
@@ -144,10 +151,8 @@ def normalize_shard(cfg: NormalizeConfig, documents: Path, out: Path, index: int
     return build_shard(cfg, documents, out, index)
 
 
-def _prefect_map(jobs: list[tuple]) -> list[dict]:
-    language("warm up the language profiles once", 0)  # loads langdetect's shared factory
-    futures = normalize_shard.map(*[list(col) for col in zip(*jobs)])
-    return [f.result() for f in futures]
+def _map_shards(jobs: list[tuple]) -> list[dict]:
+    return map_units(normalize_shard, jobs)
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
@@ -158,7 +163,7 @@ CODE = ("tasks.normalize", "tasks.text.pii", "tasks.text.quality")
 def normalize(cfg: NormalizeConfig, deduped: stage.Manifest, workdir: str) -> stage.Manifest:
     """Clean, language-filter and length-filter the deduplicated documents."""
     m = stage.run_stage("normalize", cfg, [deduped], workdir,
-                        lambda out, key: build(cfg, stage.shards(deduped.folder), out, _prefect_map),
+                        lambda out, key: build(cfg, stage.shards(deduped.folder), out, _map_shards),
                         CODE)
     publish_counts("normalize", m)
     return m
