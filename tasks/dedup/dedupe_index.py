@@ -25,7 +25,6 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,13 +32,12 @@ import pyarrow.parquet as pq
 from datasketch import MinHashLSH
 
 from tasks.config import DedupeConfig
+from tasks.dedup.store import LSH_WEIGHTS, Lookup, Store  # noqa: F401  (LSH_WEIGHTS: part of this module's API)
 
 log = logging.getLogger("forja.dedupe")
-# (false-positive, false-negative) weights for choosing bands and rows: candidates are
-# verified against the threshold afterwards, so missing a duplicate is the costlier error.
-LSH_WEIGHTS = (0.1, 0.9)
 REDIS_TIMEOUT_S = 10.0  # connect and socket timeouts unless the URL sets its own (?socket_timeout=...)
 DELTA = "index-delta.parquet"
+BATCH = 1000  # entries per Redis pipeline and per delta batch
 
 
 class IndexUnavailable(ConnectionError):
@@ -69,115 +67,6 @@ def is_outage(e: BaseException) -> bool:
 def unavailable(url: str, e: BaseException) -> IndexUnavailable:
     return IndexUnavailable(f"dedupe index: the Redis server at {url} did not answer ({e}); start it, fix "
                             "dedupe.redis_url, or use dedupe.index: memory")
-
-
-class Store:
-    """One set of entries (id -> signature and exact digest, plus the LSH bands), in memory or
-    in Redis under a key prefix."""
-
-    def __init__(self, cfg: DedupeConfig, client=None, prefix: str = ""):
-        self.cfg, self.redis, self.prefix = cfg, client, prefix
-        if client is not None:
-            kw = client.connection_pool.connection_kwargs
-            conn = {k: kw[k] for k in ("host", "port", "db", "username", "password", "socket_timeout",
-                                       "socket_connect_timeout") if kw.get(k) is not None}
-            self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS, prepickle=False,
-                                  storage_config={"type": "redis", "basename": prefix.encode(), "redis": conn})
-        else:
-            self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
-            self.sigs: dict[str, np.ndarray] = {}
-            self.digests: dict[bytes, str] = {}  # exact digest -> the id kept with it
-            self.digest_of: dict[str, bytes] = {}  # id -> its exact digest
-
-    def _id(self, key: str):
-        return key.encode() if self.redis is not None else key
-
-    def __len__(self) -> int:
-        return int(self.redis.hlen(self.prefix + ":sig")) if self.redis is not None else len(self.sigs)
-
-    def has(self, key: str) -> bool:
-        if self.redis is not None:
-            return bool(self.redis.hexists(self.prefix + ":sig", key))
-        return key in self.sigs
-
-    def exact(self, digest: bytes) -> str | None:
-        if self.redis is not None:
-            got = self.redis.hget(self.prefix + ":digest", digest)
-            return got.decode() if got is not None else None
-        return self.digests.get(digest)
-
-    def digest_for(self, key: str) -> bytes | None:
-        if self.redis is not None:
-            return self.redis.hget(self.prefix + ":iddigest", key)
-        return self.digest_of.get(key)
-
-    def signature(self, key: str) -> np.ndarray | None:
-        """The entry's signature; None for an id the index does not hold."""
-        if self.redis is not None:
-            raw = self.redis.hget(self.prefix + ":sig", key)
-            return np.frombuffer(raw, dtype=np.uint32) if raw is not None else None
-        return self.sigs.get(key)
-
-    def candidates(self, keys: list[bytes]) -> set[str]:
-        """Ids sharing a band with these band keys. Redis members are plain UTF-8 ids; anything
-        else (a foreign or planted value) is skipped, never decoded further."""
-        found: set = set()
-        for key, table in zip(keys, self.lsh.hashtables):
-            found.update(table.get(key))
-        if self.redis is None:
-            return found
-        ids = set()
-        for k in found:
-            try:
-                ids.add(k.decode())
-            except UnicodeDecodeError:
-                log.warning("dedupe index %s: ignored a band member that is not an id (%r...)", self.prefix, k[:16])
-        return ids
-
-    def add(self, key: str, digest: bytes, row: np.ndarray, bands: list[bytes]) -> None:
-        if self.redis is not None:
-            self.redis.hset(self.prefix + ":sig", key, row.astype(np.uint32).tobytes())
-            if digest:
-                self.redis.hset(self.prefix + ":digest", digest, key)
-                self.redis.hset(self.prefix + ":iddigest", key, digest)
-        else:
-            self.sigs[key] = row
-            if digest:
-                self.digests[digest] = key
-                self.digest_of[key] = digest
-        stored = self._id(key)
-        self.lsh.keys.insert(stored, *bands)
-        for band, table in zip(bands, self.lsh.hashtables):
-            table.insert(band, stored)
-
-    def remove(self, key: str) -> None:
-        """Drop an entry (signature, digest, LSH bands); nothing when it is absent."""
-        digest = self.digest_for(key)
-        if self.redis is not None:
-            if digest and self.exact(digest) == key:
-                self.redis.hdel(self.prefix + ":digest", digest)
-            self.redis.hdel(self.prefix + ":iddigest", key)
-            self.redis.hdel(self.prefix + ":sig", key)
-        else:
-            if digest and self.digests.get(digest) == key:
-                del self.digests[digest]
-            self.digest_of.pop(key, None)
-            self.sigs.pop(key, None)
-        if self._id(key) in self.lsh.keys:
-            self.lsh.remove(self._id(key))
-
-    def ids(self) -> Iterator[str]:
-        if self.redis is not None:
-            yield from (k.decode() for k, _ in self.redis.hscan_iter(self.prefix + ":sig", count=1000))
-        else:
-            yield from list(self.sigs)
-
-    def drop(self) -> None:
-        """Delete a Redis store's keys (ours and datasketch's bands)."""
-        if self.redis is not None:
-            keys = list(self.redis.scan_iter(match=self.prefix + "*"))
-            for chunk in range(0, len(keys), 1000):
-                self.redis.delete(*keys[chunk : chunk + 1000])
 
 
 def identity(cfg: DedupeConfig) -> str:
@@ -212,22 +101,23 @@ class Persistent:
         delta_id = meta.get(b"forja.delta_id", b"").decode()
         if not delta_id or self.applied(delta_id):
             return False
-        table = pq.read_table(delta)
-        ids, ops, digests = (table.column(c).to_pylist() for c in ("id", "op", "digest"))
-        sigs = table.column("signature").combine_chunks().values.to_numpy().reshape(-1, self.cfg.num_perm)
-        for key in ids:
-            self.store.remove(key)
-        adds = [i for i, op in enumerate(ops) if op == "add"]
-        rows = sigs[adds] if adds else np.zeros((0, self.cfg.num_perm), np.uint32)
-        for i, row, bands in zip(adds, rows, bands_of(self.store.lsh, rows)):
-            self.store.add(ids[i], digests[i], row, bands)
+        added = removed = 0
+        for batch in pq.ParquetFile(delta).iter_batches(batch_size=BATCH):  # bounded by the batch, not the delta
+            ids, ops, digests = (batch.column(c).to_pylist() for c in ("id", "op", "digest"))
+            sigs = batch.column("signature").flatten().to_numpy().reshape(-1, self.cfg.num_perm)
+            self.store.remove(ids)
+            adds = [i for i, op in enumerate(ops) if op == "add"]
+            rows = sigs[adds] if adds else np.zeros((0, self.cfg.num_perm), np.uint32)
+            self.store.write(adds=[(ids[i], digests[i], row, bands)
+                                   for i, row, bands in zip(adds, rows, bands_of(self.store.lsh, rows))])
+            added, removed = added + len(adds), removed + len(ids) - len(adds)
         if self.client is not None:
             self.client.sadd(self.store.prefix + ":applied", delta_id)
         else:
             self.applied_memory.add(delta_id)
             self._save()
         log.info("dedupe index %s: applied %s (%d added, %d removed)", self.cfg.index_name, delta_id,
-                 len(adds), len(ids) - len(adds))
+                 added, removed)
         return True
 
     def apply_pending(self) -> None:
@@ -245,8 +135,8 @@ class Persistent:
             self.apply(delta)
 
     def _save(self) -> None:
-        ids = list(self.store.ids())
         s = self.store
+        ids = list(s.sigs)
         sigs = np.stack([s.sigs[i] for i in ids]) if ids else np.zeros((0, self.cfg.num_perm), np.uint32)
         table = pa.table({
             "id": ids, "digest": [s.digest_of.get(i, b"") for i in ids],
@@ -261,9 +151,8 @@ class Persistent:
         table = pq.read_table(self.file)
         self.applied_memory = set(json.loads((table.schema.metadata or {}).get(b"forja.applied", b"[]")))
         sigs = table.column("signature").combine_chunks().values.to_numpy().reshape(-1, self.cfg.num_perm)
-        for key, digest, row, bands in zip(table.column("id").to_pylist(), table.column("digest").to_pylist(),
-                                           sigs, bands_of(self.store.lsh, sigs)):
-            self.store.add(key, digest, row, bands)
+        self.store.write(adds=list(zip(table.column("id").to_pylist(), table.column("digest").to_pylist(),
+                                       sigs, bands_of(self.store.lsh, sigs))))
 
 
 def bands_of(lsh: MinHashLSH, block: np.ndarray) -> list[list[bytes]]:
@@ -280,7 +169,11 @@ def bands_of(lsh: MinHashLSH, block: np.ndarray) -> list[list[bytes]]:
 
 class DedupeIndex:
     """What one run sees: the persistent index as it was (read only) plus this run's own
-    additions and removals, kept apart so they reach the index only through a committed delta."""
+    additions and removals, kept apart so they reach the index only through a committed delta.
+
+    The decision pass works a batch at a time: lookup() and signatures() read what the batch
+    needs from both stores (a round trip or two each), flush() writes the batch's additions,
+    the ids it has seen and the urls of the documents it kept (one round trip)."""
 
     def __init__(self, cfg: DedupeConfig, workdir: str | Path | None = None):
         self.cfg = cfg
@@ -290,73 +183,76 @@ class DedupeIndex:
             self.base.apply_pending()
         prefix = f"forja:dedupe:run:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.run = Store(cfg, self.client, prefix)
-        self.masked: set[str] = set()  # base entries this run removed (their text changed)
+        # Base entries this run replaced (their text changed): as many as changed documents.
+        self.masked: set[str] = set()
         self.lsh = self.run.lsh
 
     def __len__(self) -> int:
         """Entries the persistent index held when this run started."""
         return len(self.base.store) if self.base is not None else 0
 
-    def _base(self, key: str) -> bool:
-        return self.base is not None and key not in self.masked and self.base.store.has(key)
-
-    def has(self, key: str) -> bool:
-        """Whether a document with this id is indexed (kept by this or an earlier run)."""
-        return self.run.has(key) or self._base(key)
-
-    def digest_for(self, key: str) -> bytes | None:
-        """The exact digest the indexed document with this id had (None if unknown)."""
-        if self.run.has(key):
-            return self.run.digest_for(key)
-        return self.base.store.digest_for(key) if self._base(key) else None
-
-    def exact(self, digest: bytes) -> str | None:
-        if (got := self.run.exact(digest)) is not None:
-            return got
-        got = self.base.store.exact(digest) if self.base is not None else None
-        return got if got is not None and got not in self.masked else None
-
-    def signature(self, key: str) -> np.ndarray | None:
-        """The signature of an indexed document; None for an id the index does not hold."""
-        if self.run.has(key):
-            return self.run.signature(key)
-        return self.base.store.signature(key) if self._base(key) else None
-
-    def candidates(self, keys: list[bytes]) -> set[str]:
-        """Ids of indexed documents sharing at least one band with these band keys."""
-        found = self.run.candidates(keys)
-        if self.base is not None:
-            found |= self.base.store.candidates(keys) - self.masked
-        return found
-
     def bands(self, block: np.ndarray) -> list[list[bytes]]:
         return bands_of(self.lsh, block)
 
-    def add(self, key: str, digest: bytes, row: np.ndarray, bands: list[bytes]) -> None:
-        self.run.add(key, digest, row, bands)
+    def lookup(self, ids: list[str], digests: list[bytes], bands: list[list[bytes]]) -> tuple[Lookup, Lookup | None]:
+        """What this run's store and the persistent index (None without one) hold about a batch.
+        Masked base entries are not filtered here: the caller masks as it decides."""
+        base = self.base.store.lookup(ids, digests, bands) if self.base is not None else None
+        return self.run.lookup(ids, digests, bands), base
 
-    def remove(self, key: str) -> None:
-        """Drop an indexed document (its text changed): from this run's view only."""
-        self.run.remove(key)
-        if self.base is not None and self.base.store.has(key):
-            self.masked.add(key)
+    def signatures(self, run_ids: set[str], base_ids: set[str]) -> tuple[dict, dict]:
+        """Signatures of candidates found in this run's store and in the persistent index."""
+        base = self.base.store.signatures(sorted(base_ids)) if self.base is not None else {}
+        return self.run.signatures(sorted(run_ids)), base
+
+    def mask(self, key: str) -> None:
+        """Hide a persistent entry from this run (its document changed); removed at commit."""
+        self.masked.add(key)
+
+    def flush(self, adds: list, seen: list[str], urls: list[tuple[str, str]]) -> None:
+        self.run.write(adds, seen, urls)
+
+    def add(self, key: str, digest: bytes, row: np.ndarray, bands: list[bytes]) -> None:
+        self.run.write([(key, digest, row, bands)])
+
+    def candidates(self, keys: list[bytes]) -> set[str]:
+        """Ids of indexed documents sharing at least one band with these band keys."""
+        run, base = self.lookup([""], [b""], [keys])
+        return run.candidates[0] | (base.candidates[0] - self.masked if base is not None else set())
+
+    def urls_of(self, ids: list[str]) -> list[str]:
+        """The url of each id's document if this run kept it, else ""."""
+        return [u or "" for u in self.run.urls_of(ids)]
 
     def write_delta(self, folder: Path, delta_id: str) -> int:
-        """Write this run's change to the persistent index into folder (applied after commit);
-        returns the number of rows."""
+        """Write this run's change to the persistent index into folder (applied after commit),
+        a batch at a time; returns the number of rows."""
         if self.base is None:
             return 0
-        added = list(self.run.ids())
-        removed = sorted(self.masked - set(added))
-        sigs = [self.run.signature(k) for k in added] + [np.zeros(self.cfg.num_perm, np.uint32)] * len(removed)
-        sigs_arr = np.stack(sigs) if sigs else np.zeros((0, self.cfg.num_perm), np.uint32)
-        table = pa.table({
-            "id": added + removed, "op": ["add"] * len(added) + ["remove"] * len(removed),
-            "digest": [self.run.digest_for(k) or b"" for k in added] + [b""] * len(removed),
-            "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs_arr.ravel(), pa.uint32()), self.cfg.num_perm),
-        }).replace_schema_metadata({"forja.delta_id": delta_id, "forja.index": identity(self.cfg)})
-        pq.write_table(table, folder / DELTA, compression="zstd")
-        return table.num_rows
+        schema = pa.schema([("id", pa.string()), ("op", pa.string()), ("digest", pa.binary()),
+                            ("signature", pa.list_(pa.uint32(), self.cfg.num_perm))],
+                           metadata={"forja.delta_id": delta_id, "forja.index": identity(self.cfg)})
+        rows = 0
+        with pq.ParquetWriter(folder / DELTA, schema, compression="zstd") as writer:
+            def put(ids, ops, digests, sigs):
+                flat = pa.array(np.asarray(sigs, np.uint32).reshape(-1), pa.uint32())
+                writer.write_table(pa.table({"id": ids, "op": ops, "digest": pa.array(digests, pa.binary()),
+                                             "signature": pa.FixedSizeListArray.from_arrays(flat, self.cfg.num_perm)},
+                                            schema=schema))
+
+            for ids in self.run.id_batches(BATCH):
+                sigs = self.run.signatures(ids)
+                put(ids, ["add"] * len(ids), [d or b"" for d in self.run.digests_of(ids)], [sigs[k] for k in ids])
+                rows += len(ids)
+            masked = sorted(self.masked)
+            readded = self.run.signatures(masked)
+            removed = [k for k in masked if k not in readded]
+            if removed:
+                put(removed, ["remove"] * len(removed), [b""] * len(removed),
+                    np.zeros((len(removed), self.cfg.num_perm), np.uint32))
+            if not rows + len(removed):
+                writer.write_table(schema.empty_table())
+        return rows + len(removed)
 
     def close(self, success: bool = True) -> None:
         """Drop this run's store (a Redis one would outlive the process)."""
@@ -365,7 +261,6 @@ class DedupeIndex:
         finally:
             if self.client is not None:
                 self.client.close()
-
 
 def apply_delta(cfg: DedupeConfig, folder: str | Path, workdir: str | Path | None) -> bool:
     """After the dedupe folder is committed: apply its delta to the persistent index (once)."""

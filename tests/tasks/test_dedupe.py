@@ -55,15 +55,6 @@ def test_threshold_too_high_for_num_perm_is_a_config_error():
         DedupeConfig(threshold=0.99, num_perm=128)
 
 
-def test_worker_processes_give_the_same_signatures_and_decisions(monkeypatch):
-    ids, texts = corpus()
-    texts = texts * 30  # 150 documents: many exact duplicates, in several chunks
-    serial = d.signature_matrix(texts, DedupeConfig(workers=1))
-    monkeypatch.setattr(d, "PARALLEL_MIN_DOCS", 10)
-    parallel = d.signature_matrix(texts, DedupeConfig(workers=2))
-    assert (serial == parallel).all()
-
-
 def test_signature_of_a_text_does_not_depend_on_its_batch():
     from tasks.dedup.minhash import Signer
 
