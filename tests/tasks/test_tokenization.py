@@ -1,10 +1,13 @@
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.data import read_rows
 from tasks import stage
 from tasks import tokenization as t
 from tasks.config import TokenizeConfig
 from tests.fixtures.site import SENTENCES
+from tokenizers import Tokenizer
 
 CFG = TokenizeConfig(vocab_size=400, seq_len=16, val_fraction=0.2, min_frequency=1)
 
@@ -73,3 +76,105 @@ def test_fast_encoder_gives_the_same_ids_as_tokenizers():
     expected = [e.ids for e in tok.encode_batch(corpus + tricky)]
     assert fast_encoder(tok).encode_ordinary_batch(corpus + tricky) == expected
     assert encode_all(tok, corpus + tricky) == expected
+
+
+def shard_files(folder, n_shards=3, docs_per_shard=12, seed=0):
+    """Normalize-like shards of distinct documents (each names its shard and row)."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        texts = [f"Documento {s}-{i}. " + " ".join(rng.sample(SENTENCES, 3)) for i in range(docs_per_shard)]
+        paths.append(folder / stage.shard_name("documents", s))
+        pq.write_table(pa.table({"id": [f"{s}-{i}" for i in range(len(texts))], "text": texts}), paths[-1])
+    return paths
+
+
+def digests(folder):
+    return {p.name: stage.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_units_in_any_order_and_a_rerun_write_the_same_files(tmp_path):
+    from model.data import open_rows
+
+    docs = shard_files(tmp_path / "norm")
+    outs = [tmp_path / n for n in ("a", "b")]
+    for o in outs:
+        o.mkdir()
+
+    def reversed_units(jobs):  # each unit run on its own, last shard first
+        done = {i: t.tokenize_shard.fn(*jobs[i]) for i in reversed(range(len(jobs)))}
+        return [done[i] for i in range(len(jobs))]
+
+    stats = [t.build(CFG, docs, outs[0]), t.build(CFG, docs, outs[1], units=reversed_units)]
+    assert stats[0] == stats[1] and digests(outs[0]) == digests(outs[1])
+    names = set(digests(outs[0]))
+    assert {f"{s}-{i:05d}.{x}" for s in ("train", "val") for i in range(3) for x in ("npy", "parquet")} <= names
+    before = digests(outs[0])
+    t.tokenize_shard.fn(CFG, docs[1], 1, outs[0])  # a unit rerun (a lost worker's retry) rewrites the same bytes
+    assert digests(outs[0]) == before and not [p for p in outs[0].iterdir() if p.name.startswith(".")]
+    for split in ("train", "val"):  # the .npy copies hold the Parquet rows, and the loader chains them in order
+        files = sorted(outs[0].glob(f"{split}-*"))
+        rows = open_rows(files)
+        assert len(rows) == stats[0]["rows"][split]
+        assert (np.asarray(rows) == read_rows(sorted(outs[0].glob(f"{split}-*.parquet")))).all()
+    assert stats[0]["documents"]["train"] + stats[0]["documents"]["val"] == 36
+
+
+def test_each_shard_is_packed_on_its_own(tmp_path):
+    docs = shard_files(tmp_path / "norm")
+    t.build(CFG, docs, tmp_path)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = pq.read_table(docs[2]).column("text").to_pylist()
+    train = [x for x in texts if not t.is_validation(x, CFG.val_fraction, CFG.seed)]
+    expected = t.pack(tok, train, CFG.seq_len)
+    assert (np.load(tmp_path / "train-00002.npy") == expected).all()
+    assert pq.read_table(tmp_path / "train-00002.parquet").column("tokens").type.list_size == CFG.seq_len + 1
+
+
+def test_bpe_trains_on_a_bounded_sample_from_every_shard(tmp_path, monkeypatch):
+    docs = shard_files(tmp_path / "norm", n_shards=4, docs_per_shard=60)
+    corpus = sum(len(x.encode()) for d in docs for x in pq.read_table(d).column("text").to_pylist())
+    cfg = CFG.model_copy(update={"train_sample_bytes": 10_000})
+    assert corpus > 3 * cfg.train_sample_bytes
+    seen, train = [], t.train_tokenizer
+
+    def measured(texts, c):
+        def counting():
+            for x in texts:
+                seen.append(x)
+                yield x
+        return train(counting(), c)
+
+    monkeypatch.setattr(t, "train_tokenizer", measured)
+    t.build(cfg, docs, tmp_path)
+    assert 0.7 * cfg.train_sample_bytes <= sum(len(x.encode()) for x in seen) <= cfg.train_sample_bytes
+    assert {x.split("-")[0] for x in seen} == {f"Documento {s}" for s in range(4)}  # every shard, not the first
+    assert not [x for x in seen if t.is_validation(x, cfg.val_fraction, cfg.seed)]
+    again = list(t.sample_texts(docs, cfg.train_sample_bytes, cfg.val_fraction, cfg.seed))
+    assert again == seen  # seeded: the same sample every run
+    assert list(t.sample_texts(docs, cfg.train_sample_bytes, cfg.val_fraction, 1)) != seen
+
+
+def test_a_corpus_without_validation_documents_still_holds_the_last_one_out(tmp_path):
+    docs = shard_files(tmp_path / "norm", n_shards=2, docs_per_shard=6)
+    cfg = CFG.model_copy(update={"val_fraction": 1e-9})
+    stats = t.build(cfg, docs, tmp_path)
+    assert stats["documents"] == {"train": 11, "val": 1} and stats["rows"]["val"] > 0
+    assert (tmp_path / "preview.txt").read_text().replace("|", "").startswith("Documento 1-5. ")  # the last one
+    assert np.load(tmp_path / "val-00000.npy").shape == (0, CFG.seq_len + 1)
+
+
+def test_too_little_text_and_too_few_documents_say_what_to_change(tmp_path):
+    import pytest
+
+    docs = shard_files(tmp_path / "norm", n_shards=2, docs_per_shard=3)
+    (tmp_path / "o1").mkdir()
+    with pytest.raises(ValueError, match="lower tokenize.seq_len"):
+        t.build(CFG.model_copy(update={"seq_len": 4096}), docs, tmp_path / "o1")
+    one = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"id": ["0"], "text": ["só um"]}), one)
+    with pytest.raises(ValueError, match="1 document"):
+        t.build(CFG, [one], tmp_path)
