@@ -100,7 +100,6 @@ def _build(cfg: DedupeConfig, sources: list[Path], out: Path, workdir: str | Non
     finally:
         for n in range(len(sources)):
             signature_file(out, n).unlink(missing_ok=True)
-        (out / PENDING).unlink(missing_ok=True)
 
 
 def _decide(cfg: DedupeConfig, sources: list[Path], out: Path, workdir: str | None, delta_id: str) -> dict:
@@ -139,6 +138,7 @@ def _decide(cfg: DedupeConfig, sources: list[Path], out: Path, workdir: str | No
         index.write_delta(out, delta_id)
         ok = True
     finally:
+        (out / PENDING).unlink(missing_ok=True)
         index.close(success=ok)
     return {"documents_in": n_in, "documents_out": n_out, "index_before": previous,
             "removed": {k: kinds[k] for k in ("exact", "near", "seen")},
