@@ -5,7 +5,9 @@
   host; every redirect hop is checked too (a redirect into a disallowed path is refused,
   not followed); Crawl-delay honoured (decimals too) up to MAX_CRAWL_DELAY_S, a larger one
   is capped and logged; cached for at most 24 hours.
-- One request at a time per host with a minimum delay; Retry-After honoured; retries
+- Per host (scheme-less host:port): at most crawl.host_connections requests in flight and a
+  minimum delay between two request starts (HostGate, shared by the fetchers of a crawl's
+  threads, so two threads never hit one host closer than its delay); Retry-After honoured; retries
   with exponential back-off on 5xx, 429, timeouts and connection errors only.
 - Limits: body size (counted after decompression, which is done here in bounded steps,
   so a gzip bomb stops at the limit), a total deadline per fetch (slow drip), at most 5
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import zlib
+import contextlib
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Callable
@@ -162,24 +166,54 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
+class HostGate:
+    """Politeness shared by every thread of a crawl: per host, at most `connections` requests in
+    flight, and request starts at least the host's delay apart (whatever thread makes them)."""
+
+    def __init__(self, connections: int = 1):
+        self.connections = connections
+        self._lock = threading.Lock()
+        self._hosts: dict[str, tuple[threading.BoundedSemaphore, threading.Lock, list[float]]] = {}
+
+    @contextlib.contextmanager
+    def slot(self, host: str, delay: float):
+        """Hold one of host's connections for a request, starting it no sooner than delay after the last."""
+        with self._lock:
+            if host not in self._hosts:
+                self._hosts[host] = (threading.BoundedSemaphore(self.connections), threading.Lock(), [-1e9])
+            slots, lock, last = self._hosts[host]
+        with slots:
+            with lock:  # one waiter at a time: the next start is last start + delay
+                wait = last[0] + delay - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                last[0] = time.monotonic()
+            yield
+
+
 @dataclass
 class Fetcher:
-    """HTTP GET with the rules in this module's docstring. Not thread-safe: one per crawl."""
+    """HTTP GET with the rules in this module's docstring. One per host walk (tasks/web/walk.py);
+    its get() may be called from crawl.host_connections threads at once (httpx's client is
+    thread-safe), and the HostGate it is given keeps the politeness across fetchers."""
 
     cfg: CrawlConfig
     client: httpx.Client = field(init=False)
     robots: dict[str, tuple[float, Robots]] = field(default_factory=dict)
-    last_hit: dict[str, float] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)  # origin -> why its robots.txt failed
     cache: HttpCache | None = None  # revalidation store; None = plain fetching
     fresh_since: float = math.inf  # entries checked at or after this time are reused without a request
     cache_key: Callable[[str], str | None] = lambda url: url  # None: never cache this URL
     stalled: dict[str, str] = field(default_factory=dict)  # host -> why its DNS lookup stalled
+    gate: HostGate | None = None  # shared politeness; None: a gate of this fetcher's own
 
     def __post_init__(self):
         self.pins = netguard.PinnedBackend()  # connections go only where the guard vetted
+        if self.gate is None:
+            self.gate = HostGate(self.cfg.host_connections)
+        n = self.cfg.host_connections
         self.client = httpx.Client(
-            transport=netguard.PinnedTransport(self.pins, httpx.Limits(max_connections=1, max_keepalive_connections=1)),
+            transport=netguard.PinnedTransport(self.pins, httpx.Limits(max_connections=n, max_keepalive_connections=n)),
             timeout=httpx.Timeout(self.cfg.timeout_s), follow_redirects=False, trust_env=False,
             headers={"User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate",
                      "Accept": "text/html,application/xhtml+xml,text/plain;q=0.8,*/*;q=0.1"},
@@ -189,12 +223,6 @@ class Fetcher:
 
     def close(self) -> None:
         self.client.close()
-
-    def _wait(self, host: str, delay: float) -> None:
-        wait = self.last_hit.get(host, -1e9) + delay - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        self.last_hit[host] = time.monotonic()
 
     def get(self, url: str, accept: tuple[str, ...] = TEXT_TYPES, conditional: bool = True,
             robots: bool = True) -> Page:
@@ -248,10 +276,10 @@ class Fetcher:
         reason = ""
         validators = entry.validators() if entry is not None else {}
         for attempt in range(self.cfg.retries + 1):
-            self._wait(host, self.delay_for(url))
             pause = self.cfg.backoff_s * 2**attempt
             try:
-                with self.client.stream("GET", url, headers=validators) as r:
+                with self.gate.slot(host, self.delay_for(url)), \
+                        self.client.stream("GET", url, headers=validators) as r:
                     if r.status_code in REDIRECT_STATUS and "location" in r.headers:
                         return Page(urljoin(url, r.headers["location"]), r.status_code, "", b"")
                     if r.status_code == 304:

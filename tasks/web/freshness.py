@@ -1,6 +1,7 @@
 """What a crawl's key follows besides its config, so a scheduled run sees a changed world.
 
-- Local sources (serve_dir, folders, warc, jsonl, seed_files) count by a fingerprint of
+- Local sources (serve_dir, folders, warc, jsonl (.jsonl.gz too), parquet (each file a glob
+  matches, by its path), seed_files) count by a fingerprint of
   their content: file paths relative to each source and the sha256 of every file, never
   mtimes (a git checkout rewrites those without changing anything).
 - Web seeds with `crawl.refresh` count by a refresh window: a small record under
@@ -13,6 +14,7 @@
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -63,8 +65,11 @@ def local_sources(cfg: CrawlConfig) -> list[tuple[str, str]]:
     """(kind, path) of every local source of a crawl, in config order."""
     out = [("serve_dir", cfg.serve_dir)] if cfg.serve_dir else []
     out += [("folders", p) for p in cfg.folders] + [("warc", p) for p in cfg.warc]
-    out += [("jsonl", j.path) for j in cfg.jsonl] + [("seed_files", p) for p in cfg.seed_files]
-    return out
+    out += [("jsonl", j.path) for j in cfg.jsonl]
+    for src in cfg.parquet:  # a glob counts by the files it matches now (a new file changes the key)
+        found = sorted(glob.glob(src.path, recursive=True)) if set("*?[") & set(src.path) else [src.path]
+        out += [("parquet", f) for f in found] or [("parquet", src.path)]
+    return out + [("seed_files", p) for p in cfg.seed_files]
 
 
 def local_fingerprint(cfg: CrawlConfig) -> str | None:
@@ -80,7 +85,8 @@ def local_fingerprint(cfg: CrawlConfig) -> str | None:
     for kind, p in sources:
         path = Path(p)
         digest = tree_digest(path) if path.is_dir() else file_digest(path) if path.is_file() else "missing"
-        h.update(f"{kind}\0{digest}\n".encode())
+        named = f"{p}\0" if kind == "parquet" else ""  # which file of a glob
+        h.update(f"{kind}\0{named}{digest}\n".encode())
     return h.hexdigest()[:16]
 
 
