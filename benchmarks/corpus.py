@@ -13,7 +13,7 @@ corpus still builds from the bundled site alone). Pages are assembled from seede
 of paragraphs (so there are as many distinct documents as the size asks for), wrapped in a site
 template (navigation, footer) for the extractor to remove, and written round-robin into several
 .warc.gz files (units of work to map). A known share of pages are near-duplicates of earlier
-pages (about 1% of words changed, another template), and a known share are too short for the
+pages (about 0.5% of words changed, the same layout, other links around it), and a known share are too short for the
 quality filters. The same (mb, seed) always builds the same bytes, into CACHE/corpus-<mb>mb-s<seed>.
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ SOURCES = {
 }
 DUP_SHARE = 0.05     # pages that are near-duplicates of an earlier page
 SHORT_SHARE = 0.03   # pages too short for the quality filters (< 50 words)
-EDIT_RATE = 0.01     # share of words changed in a near-duplicate
-VERSION = 1          # bump when the builder's output changes, so old caches are not reused
+EDIT_RATE = 0.005    # share of words changed in a near-duplicate
+VERSION = 4          # bump when the builder's output changes, so old caches are not reused
 
 
 def ensure_sources() -> dict:
@@ -131,7 +131,8 @@ def page(title: str, blocks: list[str], variant: int, rng: random.Random) -> str
     body = []
     for i, b in enumerate(blocks):
         if i and i % 4 == 0:
-            body.append(f"<h2>{html.escape(b[:60].rsplit(' ', 1)[0])}</h2>")
+            words = rng.choice(blocks).split()[:3]  # three words: no repeated 5-gram for the filters
+            body.append(f"<h2>Seção {i // 4}: {html.escape(' '.join(words))}</h2>")
         if rng.random() < 0.15:
             items = [s for s in re.split(r"(?<=[.;:])\s+", b) if s]
             body.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in items) + "</ul>")
@@ -176,6 +177,10 @@ def _warc_record(writer, url: str, body: bytes, date: str):
     writer.write_record(rec)
 
 
+def url(n: int) -> str:
+    return f"https://docs.example.org/p/{n:07d}.html"
+
+
 def build(mb: float, cache: Path, seed: int = 0, files: int | None = None) -> dict:
     """Build (or reuse) the corpus of about `mb` MB of HTML; returns its description (also corpus.json)."""
     from warcio.warcwriter import WARCWriter
@@ -195,23 +200,27 @@ def build(mb: float, cache: Path, seed: int = 0, files: int | None = None) -> di
     streams = [open(tmp / f"part-{i:03d}.warc.gz", "wb") for i in range(files)]
     writers = [WARCWriter(s, gzip=True) for s in streams]
     target, written, n = int(mb * 2**20), 0, 0
-    originals: list[list[str]] = []
+    originals: list[tuple[int, list[str]]] = []
+    pairs = []  # (near-duplicate page, the page it copies)
     counts = {"pages": 0, "near_duplicates": 0, "short": 0, "distinct": 0}
     while written < target:
         roll = rng.random()
         if roll < DUP_SHARE and originals:
-            blocks, kind = _edit(rng.choice(originals), rng), "near_duplicates"
+            source, copied = rng.choice(originals)
+            blocks, kind, layout = _edit(copied, rng), "near_duplicates", source
+            pairs.append((n, source))
         elif roll < DUP_SHARE + SHORT_SHARE:
-            blocks, kind = [" ".join(rng.choice(pool).split()[:30])], "short"
+            blocks, kind, layout = [" ".join(rng.choice(pool).split()[:30])], "short", n
         else:
-            blocks, kind = _blocks(pool, rng), "distinct"
+            blocks, kind, layout = _blocks(pool, rng), "distinct", n
             if len(originals) < 5000:
-                originals.append(blocks)
+                originals.append((n, blocks))
             else:
-                originals[rng.randrange(5000)] = blocks
+                originals[rng.randrange(5000)] = (n, blocks)
         title = " ".join(blocks[0].split()[:8])
-        body = page(title, blocks, n, rng).encode("utf-8")
-        _warc_record(writers[n % files], f"https://docs.example.org/p/{n:07d}.html", body,
+        # a near-duplicate keeps its original's layout (headings, lists): only its words differ
+        body = page(title, blocks, n, random.Random(f"{seed}-{layout}")).encode("utf-8")
+        _warc_record(writers[n % files], url(n), body,
                      f"2026-01-01T00:{(n // 60) % 60:02d}:{n % 60:02d}Z")
         counts[kind] += 1
         counts["pages"] += 1
@@ -221,7 +230,8 @@ def build(mb: float, cache: Path, seed: int = 0, files: int | None = None) -> di
         s.close()
     meta = {"mb": written / 2**20, "seed": seed, "files": sorted(p.name for p in tmp.glob("*.warc.gz")),
             "warc_bytes": sum(p.stat().st_size for p in tmp.glob("*.warc.gz")), "counts": counts,
-            "pool_paragraphs": len(pool), "sources": sources}
+            "pool_paragraphs": len(pool), "sources": sources,
+            "near_duplicate_pairs": [[url(a), url(b)] for a, b in pairs]}
     (tmp / "corpus.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
