@@ -1,10 +1,15 @@
 """Dedupe speed and quality: forja's batched MinHash + LSH against datasketch's per-token loop.
 
-    .venv/bin/python benchmarks/dedupe.py [--docs 20000] [--baseline-docs 1000]
+    .venv/bin/python benchmarks/dedupe.py [--docs 20000] [--baseline-docs 1000] [--redis redis://127.0.0.1:6379/0]
 
 Builds a seeded synthetic corpus of ~2 KB documents with 10% planted near-duplicates
 (copies with 1-12 words replaced), then times, in one run:
-  forja     tasks.dedupe.find_duplicates: signatures (all cores) + MinHashLSH, all documents
+  forja     tasks.dedupe.find_duplicates: signatures and decisions in this process, batch by batch,
+            all documents (in the stage, signatures are one unit of work per crawl shard on the
+            run's runner: scale with processes or Dask workers, not measured here)
+  redis     (with --redis) the same on the Redis index, on a prefix: documents per second, and
+            round trips per document counted at the client's connection; decisions must equal
+            the memory index's
   baseline  datasketch MinHash.update per shingle + the same MinHashLSH, on a prefix
 and scores forja against the exact Jaccard of every planted pair:
   recall_j90  planted pairs with exact Jaccard >= 0.9 that forja removed
@@ -25,8 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tasks.dedup.minhash import canonical  # noqa: E402
 
-# datasketch, tasks.dedupe and tasks.config are imported where used: dedupe's worker processes are
-# spawned and re-import this file, and should not pay for Prefect's import.
+# datasketch, tasks.dedupe and tasks.config are imported where used.
 
 
 def corpus(n: int, dup_fraction: float, seed: int = 0) -> tuple[list[str], dict[int, int]]:
@@ -76,10 +80,39 @@ def baseline(texts: list[str], cfg) -> float:
     return len(texts) / (time.perf_counter() - t0)
 
 
+def on_redis(ids: list[str], texts: list[str], url: str, memory: dict) -> dict:
+    """Dedupe on the Redis index, counting the client's requests (a pipeline is one)."""
+    import redis.connection
+
+    from tasks.config import DedupeConfig
+    from tasks.dedupe import find_duplicates
+
+    sent = [0]
+    original = redis.connection.Connection.send_packed_command
+
+    def counted(self, *args, **kwargs):
+        sent[0] += 1
+        return original(self, *args, **kwargs)
+
+    redis.connection.Connection.send_packed_command = counted
+    try:
+        t0 = time.perf_counter()
+        removed = find_duplicates(ids, texts, DedupeConfig(index="redis", redis_url=url))
+        rate = len(ids) / (time.perf_counter() - t0)
+    finally:
+        redis.connection.Connection.send_packed_command = original
+    if removed != memory:
+        raise SystemExit("the Redis index decided differently from the memory index")
+    return {"redis_docs": len(ids), "redis_docs_per_s": round(rate, 1),
+            "redis_round_trips_per_doc": round(sent[0] / len(ids), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--baseline-docs", type=int, default=1000)
+    ap.add_argument("--redis", help="also time the Redis index at this URL (a scratch database)")
+    ap.add_argument("--redis-docs", type=int, default=5000)
     args = ap.parse_args()
     from tasks.config import DedupeConfig
     from tasks.dedupe import find_duplicates
@@ -93,6 +126,14 @@ def main() -> None:
     removed = find_duplicates([str(i) for i in range(len(texts))], texts, cfg)
     forja_rate = len(texts) / (time.perf_counter() - t0)
     print(f"forja:    {forja_rate:8.0f} docs/s  ({len(removed)} removed)")
+
+    extra = {}
+    if args.redis:
+        n = min(args.redis_docs, len(texts))
+        ids = [str(i) for i in range(n)]
+        extra = on_redis(ids, texts[:n], args.redis, find_duplicates(ids, texts[:n], cfg))
+        print(f"redis:    {extra['redis_docs_per_s']:8.0f} docs/s  ({n} docs, "
+              f"{extra['redis_round_trips_per_doc']} round trips per document, same decisions as memory)")
 
     base_rate = baseline(texts[: args.baseline_docs], cfg)
     print(f"baseline: {base_rate:8.0f} docs/s  (datasketch MinHash.update per shingle, {args.baseline_docs} docs)")
@@ -109,7 +150,7 @@ def main() -> None:
     print(f"planted pairs with Jaccard >= 0.9: {len(high)}; recall {recall:.4f}; precision {precision:.4f}")
     result = {"docs": len(texts), "docs_per_s": round(forja_rate, 1), "baseline_docs_per_s": round(base_rate, 1),
               "ratio": round(forja_rate / base_rate, 2), "recall_j90": round(recall, 4),
-              "precision": round(precision, 4), "pairs_j90": len(high), "removed": len(removed)}
+              "precision": round(precision, 4), "pairs_j90": len(high), "removed": len(removed), **extra}
     print(json.dumps(result))
 
 

@@ -9,6 +9,15 @@ current corpus: a document kept before with the same text stays (counted unchang
 changed one replaces its own old entry (it is never a duplicate of itself), and a new one
 that duplicates anything kept before is removed, naming it. `incremental: new_only`
 outputs only new and changed documents.
+
+The work is split in two: the MinHash signatures of each crawl shard are a unit of work
+("dedupe-signatures", tasks.dedup.signatures) mapped on the run's runner (processes here, Dask
+workers on a cluster), each writing a signature file into the stage's temp folder; then one
+pass decides in shard order, a batch at a time (tasks.dedup.decide), so the output is the same
+whatever the runner or the order the units finished in. The signature files are deleted
+before the folder is committed. Memory is bounded by the batch: kept documents, removed rows
+and the index delta are streamed, and the kept documents' urls (for duplicate_of_url) live in
+the run's index store (Redis on a cluster), not in a Python dict.
 """
 from __future__ import annotations
 
