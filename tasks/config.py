@@ -153,7 +153,8 @@ class TokenizeConfig(Section):
     min_frequency: int = Field(2, ge=1)
     seq_len: int = Field(256, ge=8, description="tokens per training sequence (the model's context)")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    shard_rows: int = Field(8192, ge=1)
+    shard_rows: int = Field(8192, ge=1, description="rows per Parquet row group and per write batch of a tokenize "
+                            "unit (bounds its memory); each normalize shard gives one train and one val file")
     train_sample_bytes: int = Field(200_000_000, ge=10_000, description="the BPE is trained on at most this many "
                                     "bytes of training text (a seeded sample spread over every shard), so memory "
                                     "does not grow with the corpus")

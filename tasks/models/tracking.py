@@ -147,11 +147,19 @@ class TokenRows(MetaDataset):
         return {**Dataset.to_dict(self), "schema": json.dumps(self.schema.to_dict()), "profile": json.dumps(self.profile)}
 
 
+def data_files(m: Manifest, split: str) -> list:
+    """The files that hold a split's rows: the memory-mapped .npy copies the loader reads (one per
+    shard, or one <split>.npy), else the Parquet shards."""
+    npy = [f for f in m.files if f.path == f"{split}.npy"
+           or (f.path.startswith(f"{split}-") and f.path.endswith(".npy") and not f.path.endswith(".mask.npy"))]
+    return npy or [f for f in m.files if f.path.startswith(f"{split}-")]
+
+
 def token_dataset(m: Manifest, split: str) -> TokenRows:
     """A stage's token rows of one split (train, val) as an MLflow dataset: named after the stage
     and its key, its digest the split's data file's sha256, its source the stage folder, its
     profile the split's counts (rows, tokens, documents ...) and its schema the rows' shape."""
-    data = [f for f in m.files if f.path == f"{split}.npy"] or [f for f in m.files if f.path.startswith(f"{split}-")]
+    data = data_files(m, split)
     if not data:
         raise ValueError(f"the {m.stage} stage ({m.folder}) has no {split} split")
     digest = data[0].sha256 if len(data) == 1 else hashlib.sha256("".join(f.sha256 for f in data).encode()).hexdigest()

@@ -1,6 +1,7 @@
 """How runs land in MLflow (the embedded SQLite store here; a real server in
 tests/flows/test_remote_mlflow.py): where artifacts go, what is a metric and what is a param,
 the data as dataset inputs, run names, and the checks of pretrain.init_from."""
+import hashlib
 import json
 from dataclasses import asdict
 
@@ -51,8 +52,11 @@ def test_data_counts_are_params_and_a_table_and_token_rows_are_dataset_inputs(wo
     assert set(inputs) == {"training", "validation"}
     for split, context in (("train", "training"), ("val", "validation")):
         ds = inputs[context]
-        npy = next(f for f in tokens.files if f.path == f"{split}.npy")
-        assert ds.name == f"tokenize-{tokens.key}-{split}" and ds.digest == npy.sha256[:12]
+        shards = [f for f in tokens.files if f.path.startswith(f"{split}-") and f.path.endswith(".npy")]
+        assert shards and shards == tracking.data_files(tokens, split)
+        digest = shards[0].sha256 if len(shards) == 1 else \
+            hashlib.sha256("".join(f.sha256 for f in shards).encode()).hexdigest()
+        assert ds.name == f"tokenize-{tokens.key}-{split}" and ds.digest == digest[:12]
         profile = json.loads(ds.profile)
         assert profile["rows"] == tokens.stats["rows"][split] and profile["tokens"] == tokens.stats["tokens"][split]
         spec = json.loads(json.loads(ds.schema)["mlflow_tensorspec"]["features"])[0]["tensor-spec"]
