@@ -168,7 +168,8 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 class HostGate:
     """Politeness shared by every thread of a crawl: per host, at most `connections` requests in
-    flight, and request starts at least the host's delay apart (whatever thread makes them)."""
+    flight, and each request starts at least the host's delay after the previous one started
+    and after the last one ended (whatever thread makes them)."""
 
     def __init__(self, connections: int = 1):
         self.connections = connections
@@ -188,7 +189,11 @@ class HostGate:
                 if wait > 0:
                     time.sleep(wait)
                 last[0] = time.monotonic()
-            yield
+            try:
+                yield
+            finally:  # the delay also runs from the end of a request: a slow host is given room
+                with lock:
+                    last[0] = max(last[0], time.monotonic())
 
 
 @dataclass

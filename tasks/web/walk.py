@@ -47,6 +47,7 @@ class HostWalk:
     seen: set = field(default_factory=set)
     kept: int = 0  # documents written
     handed: list = field(default_factory=list)  # (url, depth) found here for other hosts, this round
+    fetcher: Fetcher | None = None  # kept across rounds: robots.txt is asked for once
 
 
 @dataclass
@@ -108,6 +109,9 @@ def crawl_web(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: Documen
     finally:
         for p in spills:
             p.unlink(missing_ok=True)
+        for h in hosts.values():
+            if h.fetcher is not None:
+                h.fetcher.close()
     counts["left_in_queue"] += sum(len(h.queue) for h in hosts.values())
 
 
@@ -144,7 +148,7 @@ def _append(spills: list[Path], docs: DocumentSink, cfg: CrawlConfig, counts: Co
 def _walk_host(w: Walker, h: HostWalk, round_: int) -> tuple[list[dict], Counter]:
     """Walk one host's frontier (this round) into a spill file; return its files and counts."""
     cfg, counts = w.cfg, Counter()
-    fetcher = w.fetcher()
+    fetcher = h.fetcher = h.fetcher or w.fetcher()
     sink = DocumentSink(w.folder, cfg.max_pages + 1, prefix=f"{stage.PART}walk-r{round_:03d}-h{h.index:05d}")
     pool = ThreadPoolExecutor(cfg.host_connections) if cfg.host_connections > 1 else None
     window: deque = deque()  # (url, depth, future or None), in frontier order
@@ -167,7 +171,6 @@ def _walk_host(w: Walker, h: HostWalk, round_: int) -> tuple[list[dict], Counter
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-        fetcher.close()
     return sink.files, counts
 
 
