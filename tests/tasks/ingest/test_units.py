@@ -139,3 +139,34 @@ def test_the_local_fingerprint_follows_parquet_globs_and_jsonl_gz(tmp_path):
     with gzip.open(tmp_path / "chats.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"k": "j9", "body": "Outra."}) + "\n")
     assert len({before, added, local_fingerprint(cfg)}) == 3
+
+
+@pytest.mark.slow  # starts Prefect's test server
+def test_under_prefect_each_file_is_a_crawl_file_task_run_and_the_output_is_the_same(prefect_harness, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.crawl import crawl
+
+    cfg = sources_in(tmp_path)
+
+    @flow(name="crawl-files")
+    def crawl_files(workdir: str) -> str:
+        return crawl(cfg, workdir).folder
+
+    state = crawl_files(str(tmp_path / "work"), return_state=True)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+            state.state_details.flow_run_id])))
+    names = Counter(r.name.rsplit("-", 1)[0] for r in runs if r.state.name == "Completed")
+    assert names == {"crawl": 1, "crawl-file": len(units.plan(cfg))}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    stats = c.build(cfg, plain)
+    folder = state.result()
+    assert rows_of(folder) == rows_of(plain) and stats["documents"] == 14
+
+
+def rows_of(folder):
+    return [{k: v for k, v in r.items() if k != "fetched_at"} for r in read_docs(folder).to_pylist()]
