@@ -230,14 +230,20 @@ class Store:
             pipe.execute()
 
     def drop(self) -> None:
-        """Delete a Redis store's keys (ours and the LSH bands)."""
-        if self.redis is not None:
-            batch = []
-            for k in self.redis.scan_iter(match=self.prefix + "*", count=SCAN):
-                batch.append(k)
-                if len(batch) >= SCAN:
-                    self.redis.delete(*batch)
-                    batch = []
-            if batch:
-                self.redis.delete(*batch)
-
+        """Delete a Redis store's keys (ours and the LSH's). The LSH's hashes name every key it
+        made (field -> key), so this walks the store itself, never the whole database."""
+        if self.redis is None:
+            return
+        tables = [self._keys, *self._buckets]
+        cursors = {name: 0 for name in tables}
+        while cursors:  # one page of every table per round trip, their keys deleted in the next
+            pipe = self.redis.pipeline(transaction=False)
+            for name, cursor in cursors.items():
+                pipe.hscan(name, cursor, count=SCAN)
+            pages = pipe.execute()
+            doomed = [key for _, found in pages for key in found.values()]
+            cursors = {name: cursor for name, (cursor, _) in zip(cursors, pages) if cursor != 0}
+            for start in range(0, len(doomed), SCAN):
+                pipe.delete(*doomed[start : start + SCAN])
+            pipe.execute()
+        self.redis.delete(*tables, *(self._k(n) for n in ("sig", "digest", "iddigest", "seen", "url")))

@@ -119,6 +119,7 @@ def test_redis_index_decides_as_the_memory_index_in_few_round_trips(tmp_path, re
     docs = stats2["documents_in"]
     print(f"redis round trips, second run: {trips['redis']} for {docs} documents ({trips['redis'] / docs:.3f} each)")
     assert trips["redis"] <= 0.2 * docs
+    assert not redis.Redis.from_url(redis_url).keys("forja:dedupe:run:*")  # each run's own store was dropped
 
 
 def test_duplicate_of_url_is_resolved_for_a_target_kept_later_in_the_run(tmp_path):
