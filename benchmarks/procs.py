@@ -25,24 +25,27 @@ class Measured:
     stderr: str
     seconds: float
     peak_rss_mb: float
+    peak_breakdown: dict  # at the peak sample: "pid name/argv" -> RSS MB
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants (a vanished child counts as 0)."""
-    total = 0
+def tree_rss(proc: psutil.Process) -> dict:
+    """Resident bytes of a process and each of its descendants (a vanished child is left out)."""
+    out = {}
     try:
         members = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return out
     for p in members:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += p.memory_info().rss
-    return total
+            rss = p.memory_info().rss
+            argv = " ".join(a.rsplit("/", 1)[-1] for a in p.cmdline()[:4])[:80]
+            out[f"{p.pid} {argv}"] = rss
+    return out
 
 
 def run_measured(cmd: list[str], env: dict | None = None, every_s: float = 0.05, log: Path | None = None) -> Measured:
     """Run cmd, sampling the summed RSS of its process tree every `every_s`; the wall time and the peak."""
-    peak = 0
+    peak, at_peak = 0, {}
     err = open(log, "w+") if log else subprocess.PIPE
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -50,9 +53,11 @@ def run_measured(cmd: list[str], env: dict | None = None, every_s: float = 0.05,
     done = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, at_peak
         while not done.is_set():
-            peak = max(peak, tree_rss(ps))
+            members = tree_rss(ps)
+            if sum(members.values()) > peak:
+                peak, at_peak = sum(members.values()), members
             done.wait(every_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -65,7 +70,8 @@ def run_measured(cmd: list[str], env: dict | None = None, every_s: float = 0.05,
         err.seek(0)
         errs = err.read()
         err.close()
-    return Measured(proc.returncode, out, errs or "", seconds, peak / 2**20)
+    breakdown = {k: round(v / 2**20, 1) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])}
+    return Measured(proc.returncode, out, errs or "", seconds, peak / 2**20, breakdown)
 
 
 def free_port() -> int:
