@@ -78,27 +78,20 @@ class Store:
                 seen=[k in self.seen for k in ids], has=[k in self.sigs for k in ids],
                 digest_of_id=[self.digest_of.get(k) for k in ids], exact=[self.digests.get(d) for d in digests],
                 candidates=[set().union(*(t.get(b) for b, t in zip(kb, tables))) for kb in bands])
+        if not ids:
+            return Lookup([], [], [], [], [])
+        # Per document: HEXISTS and one SUNION of its band buckets; per batch: the rest.
         pipe = self.redis.pipeline(transaction=False)
-        for key, digest, kb in zip(ids, digests, bands):
-            pipe.sismember(self._k("seen"), key)
+        pipe.smismember(self._k("seen"), list(ids))
+        pipe.hmget(self._k("iddigest"), list(ids))
+        pipe.hmget(self._k("digest"), list(digests))
+        for key, kb in zip(ids, bands):
             pipe.hexists(self._k("sig"), key)
-            pipe.hget(self._k("iddigest"), key)
-            pipe.hget(self._k("digest"), digest)
-            for band, bucket in zip(kb, self._buckets):
-                pipe.smembers(bucket + band)
-        got = iter(pipe.execute())
-        out = Lookup([], [], [], [], [])
-        for kb in bands:
-            out.seen.append(bool(next(got)))
-            out.has.append(bool(next(got)))
-            out.digest_of_id.append(next(got))
-            exact = next(got)
-            out.exact.append(exact.decode() if exact is not None else None)
-            members: set = set()
-            for _ in kb:
-                members |= next(got)
-            out.candidates.append(self._decode(members))
-        return out
+            pipe.sunion([bucket + band for band, bucket in zip(kb, self._buckets)])
+        seen, digest_of_id, exact, *rest = pipe.execute()
+        return Lookup(seen=[bool(x) for x in seen], has=[bool(x) for x in rest[0::2]], digest_of_id=digest_of_id,
+                      exact=[e.decode() if e is not None else None for e in exact],
+                      candidates=[self._decode(m) for m in rest[1::2]])
 
     def _decode(self, members: set) -> set[str]:
         """Redis band members are plain UTF-8 ids; anything else (a foreign or planted value) is
@@ -166,18 +159,23 @@ class Store:
         if not (adds or seen or urls):
             return
         pipe = self.redis.pipeline(transaction=False)
-        for key, digest, row, bands in adds:
-            stored = key.encode()
-            pipe.hset(self._k("sig"), key, np.asarray(row, dtype=np.uint32).tobytes())
-            if digest:
-                pipe.hset(self._k("digest"), digest, key)
-                pipe.hset(self._k("iddigest"), key, digest)
-            pipe.hset(self._keys, stored, self._keys + stored)  # datasketch's key -> band list
-            pipe.delete(self._keys + stored)
-            pipe.rpush(self._keys + stored, *bands)
-            for band, bucket in zip(bands, self._buckets):
-                pipe.hset(bucket, band, bucket + band)
-                pipe.sadd(bucket + band, stored)
+        if adds:
+            # One command per hash for the whole batch; per entry, its band list and band sets.
+            stored = [key.encode() for key, *_ in adds]
+            pipe.hset(self._k("sig"), mapping={k: np.asarray(row, dtype=np.uint32).tobytes()
+                                               for k, (_, _, row, _) in zip(stored, adds)})
+            with_digest = [(k, digest) for k, (_, digest, _, _) in zip(stored, adds) if digest]
+            if with_digest:
+                pipe.hset(self._k("digest"), mapping={digest: k for k, digest in with_digest})
+                pipe.hset(self._k("iddigest"), mapping=dict(with_digest))
+            pipe.hset(self._keys, mapping={k: self._keys + k for k in stored})  # datasketch: key -> band list
+            pipe.delete(*[self._keys + k for k in stored])  # an add overwrites
+            for k, (_, _, _, bands) in zip(stored, adds):
+                pipe.rpush(self._keys + k, *bands)
+                for band, bucket in zip(bands, self._buckets):
+                    pipe.sadd(bucket + band, k)
+            for i, bucket in enumerate(self._buckets):
+                pipe.hset(bucket, mapping={bands[i]: bucket + bands[i] for *_, bands in adds})
         if seen:
             pipe.sadd(self._k("seen"), *seen)
         if urls:
