@@ -74,24 +74,39 @@ def check_scheduler(spec: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
             f"no Dask scheduler answers at {spec} ({e.strerror or e}); start one there "
             f"(`dask scheduler --port {port}` and `dask worker {spec}` on each machine), fix the address, "
             f"or run with --runner local") from None
-    from distributed import Client
-
     try:  # something listens: make sure it speaks Dask (a wrong port may be another service)
-        with Client(spec, timeout=timeout_s) as client:
-            n = len(client.scheduler_info(n_workers=-1)["workers"]) if _takes_n_workers(client) \
-                else len(client.scheduler_info()["workers"])
-    except (OSError, TimeoutError) as e:
-        raise RunnerError(f"{spec} answers but is not a Dask scheduler ({e}); fix the address or run "
-                          "with --runner local") from None
-    if not n:
+        identity = _ask_identity(spec, timeout_s)
+    except Exception as e:  # a timeout, a refused handshake, garbage: all mean "not a scheduler"
+        identity = {"error": repr(e)}
+    if identity.get("type") != "Scheduler":
+        raise RunnerError(f"{spec} answers but is not a Dask scheduler ({identity.get('error') or identity.get('type')}); "
+                          "fix the address or run with --runner local")
+    if not identity.get("workers"):
         log.warning("the Dask scheduler at %s has no workers yet: units wait until one joins "
                     "(`dask worker %s`)", spec, spec)
 
 
-def _takes_n_workers(client) -> bool:
-    import inspect
+def _ask_identity(spec: str, timeout_s: float) -> dict:
+    """The scheduler's identity reply, asked over Dask's own protocol with a hard deadline (in a
+    thread of its own: the caller may be inside a running event loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    async def ask() -> dict:
+        from distributed.comm import connect
+
+        comm = await connect(spec, timeout=timeout_s)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(lambda: asyncio.run(asyncio.wait_for(ask(), timeout_s))).result(timeout_s + 2)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def local_workers() -> int:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 DASK = Path(sys.executable).with_name("dask")
 # Several shards per stage so units are mapped; a small vocabulary keeps tokenize short.
-OVERRIDES = ["crawl.shard_docs=8", "tokenize.vocab_size=600"]
+OVERRIDES = ["crawl.max_pages=30", "crawl.shard_docs=5", "tokenize.vocab_size=400"]
 FAULT = "unit:normalize-shard:writing"
 
 
