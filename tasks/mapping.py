@@ -47,9 +47,18 @@ def map_units(unit, jobs: Sequence[tuple]) -> list[Any]:
     runner = _RUNNER.get() or getattr(flow_ctx, "task_runner", None)
     if runner is None:  # inside a task run that has no flow (e.g. a background task): in place
         return [unit.fn(*job) for job in jobs]
+    if len(jobs) == 1 and _local(runner):  # a pool process would only add its start-up: a task run here
+        return [unit(*jobs[0])]
     parameters = {name: list(column) for name, column in zip(_positional_names(unit), zip(*jobs))}
     futures = runner.map(unit, parameters)
     return [f.result() for f in futures]
+
+
+def _local(runner) -> bool:
+    """Whether the runner's workers are this machine's threads or processes (not a cluster)."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    return isinstance(runner, (ProcessPoolTaskRunner, ThreadPoolTaskRunner))
 
 
 def _positional_names(unit) -> list[str]:
