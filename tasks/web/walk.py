@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class Walker:
     cache: HttpCache | None
     fresh_since: float
     served: str
+    # One page parsed at a time across hosts: parsing costs ~50x a page's size in memory, and the
+    # GIL runs one parse at a time anyway, so this bounds memory without costing throughput.
+    parsing: threading.Lock = field(default_factory=threading.Lock)
 
     def is_served(self, url: str) -> bool:
         return bool(self.served) and (url == self.served or url.startswith(self.served + "/"))
@@ -134,7 +138,7 @@ def _append(spills: list[Path], docs: DocumentSink, cfg: CrawlConfig, counts: Co
     """The host walks' documents into docs, in spill order, up to cfg.max_pages."""
     start = len(docs)
     for path in spills:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=32):
             for doc in batch.to_pylist():
                 if len(docs) - start >= cfg.max_pages:
                     counts["over_max_pages"] += 1
@@ -149,7 +153,7 @@ def _walk_host(w: Walker, h: HostWalk, round_: int) -> tuple[list[dict], Counter
     """Walk one host's frontier (this round) into a spill file; return its files and counts."""
     cfg, counts = w.cfg, Counter()
     fetcher = h.fetcher = h.fetcher or w.fetcher()
-    sink = DocumentSink(w.folder, cfg.max_pages + 1, prefix=f"{stage.PART}walk-r{round_:03d}-h{h.index:05d}")
+    sink = DocumentSink(w.folder, cfg.max_pages + 1, batch=32, prefix=f"{stage.PART}walk-r{round_:03d}-h{h.index:05d}")
     pool = ThreadPoolExecutor(cfg.host_connections) if cfg.host_connections > 1 else None
     window: deque = deque()  # (url, depth, future or None), in frontier order
     try:
@@ -164,6 +168,7 @@ def _walk_host(w: Walker, h: HostWalk, round_: int) -> tuple[list[dict], Counter
             page = _result(fetcher, url, depth == 0, future, counts)
             if page is not None:
                 _keep(w, h, page, depth, sink, counts)
+            page = future = None  # not held while the next page is fetched
         sink.close()
     except BaseException:
         sink.abort()
@@ -217,8 +222,11 @@ def _keep(w: Walker, h: HostWalk, page, depth: int, sink: DocumentSink, counts: 
     cfg = w.cfg
     if page.freshness:
         counts[page.freshness] += 1
-    doc, html = to_document({"url": w.name(page.url), "status": page.status, "content_type": page.content_type,
-                             "body": page.body, "fetched_at": page.fetched_at}, "http", depth, cfg, counts)
+    with w.parsing:
+        doc, html = to_document({"url": w.name(page.url), "status": page.status, "content_type": page.content_type,
+                                 "body": page.body, "fetched_at": page.fetched_at}, "http", depth, cfg, counts)
+        found = links(html, page.url) if doc is not None and cfg.follow_links and depth < cfg.max_depth and html else []
+        html = ""
     if doc is None:
         return
     if not sink.append(doc):  # a redirect landed on a page already crawled
@@ -228,9 +236,7 @@ def _keep(w: Walker, h: HostWalk, page, depth: int, sink: DocumentSink, counts: 
     counts["fetched"] += 1
     if counts["fetched"] % 10 == 0:
         log.info("crawl: %s: %d pages fetched, %d queued", h.host, counts["fetched"], len(h.queue))
-    if not (cfg.follow_links and depth < cfg.max_depth and html):
-        return
-    for link in links(html, page.url):
+    for link in found:
         if link in h.seen or not in_scope(link, w.scopes):
             continue
         if len(h.queue) + len(h.handed) >= cfg.max_frontier:
