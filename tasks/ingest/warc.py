@@ -60,8 +60,18 @@ class Tape:
             self.buf = b""
         self.pos = target
 
+    def peek(self, n: int) -> bytes:
+        """The next n bytes (fewer at the end of the file), left to be taken."""
+        if len(self.buf) < n:
+            more = self.f.read(max(n - len(self.buf), _SCAN))
+            self.disk_bytes += len(more)
+            self.buf += more
+        return self.buf[:n]
+
     def next_start(self) -> int | None:
         """The offset of the next place a record may start, from here on (None at the end)."""
+        if self.peek(7).startswith(_WARC_MAGIC):  # the usual case: right here, nothing to scan
+            return self.pos
         tail = b""
         while block := self.take(_SCAN):
             data = tail + block  # (the tail: a magic split over two pieces)
@@ -186,9 +196,7 @@ class Unpacked:
     def __init__(self, tape: Tape, start: int, budget: FileBudget):
         self.tape, self.budget = tape, budget
         tape.seek(start)
-        head = tape.take(3)
-        tape.give_back(head)
-        self.gzip = head == _GZIP
+        self.gzip = tape.peek(3) == _GZIP
         self.inflate = zlib.decompressobj(31) if self.gzip else None
         self.pending = b""
         self.read_bytes = 0
