@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,7 +105,7 @@ def read_jsonl(path: Path, text_field: str, id_field: str | None, counts: Counte
                        "content_type": "text/plain", "text": text, "fetched_at": now()}
         except FileLimit:
             budget.report(counts, f"line {n + 1}")
-        except (OSError, EOFError) as e:  # a damaged or cut .gz
+        except (OSError, EOFError, zlib.error) as e:  # a damaged or cut .gz
             counts["jsonl_corrupt"] += 1
             log.warning("crawl: %s is damaged after line %d (%s); the rest is not read", p, n, e)
 

@@ -12,7 +12,9 @@ spill file of its own; links to another in-scope host are handed over after the 
 host order. The documents are then appended to the sink round by round, hosts in first-seen
 order, so the same responses give the same documents in the same order and shards. Memory:
 each host's frontier holds at most crawl.max_frontier URLs (links past it are counted as
-frontier_full, never queued), seen URLs are those queued or fetched, documents are on disk.
+frontier_full, never queued), its seen set at most max_pages + max_frontier URLs (past it,
+links count as frontier_full too), and documents wait on disk, not in memory. Each host
+stops at max_pages documents, and the crawl keeps the first max_pages in that order.
 """
 from __future__ import annotations
 
@@ -238,7 +240,7 @@ def _keep(w: Walker, h: HostWalk, page, depth: int, sink: DocumentSink, counts: 
     for link in found:
         if link in h.seen or not in_scope(link, w.scopes):
             continue
-        if len(h.queue) + len(h.handed) >= cfg.max_frontier:
+        if len(h.queue) + len(h.handed) >= cfg.max_frontier or len(h.seen) >= cfg.max_pages + cfg.max_frontier:
             counts["frontier_full"] += 1
             continue
         h.seen.add(link)

@@ -170,3 +170,14 @@ def test_under_prefect_each_file_is_a_crawl_file_task_run_and_the_output_is_the_
 
 def rows_of(folder):
     return [{k: v for k, v in r.items() if k != "fetched_at"} for r in read_docs(folder).to_pylist()]
+
+
+def test_a_cut_jsonl_gz_keeps_its_whole_lines_and_counts_the_damage(tmp_path, caplog):
+    packed = gzip.compress("".join(json.dumps({"text": f"Linha {i}. " * 40}) + "\n" for i in range(50)).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    counts = Counter()
+    with caplog.at_level(logging.WARNING, logger="forja.crawl"):
+        rows = list(sources.read_jsonl(path, "text", None, counts))
+    assert 0 < len(rows) < 50 and counts["jsonl_corrupt"] == 1
+    assert any(str(path) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
