@@ -185,7 +185,7 @@ def build(mb: float, cache: Path, seed: int = 0, files: int | None = None) -> di
     """Build (or reuse) the corpus of about `mb` MB of HTML; returns its description (also corpus.json)."""
     from warcio.warcwriter import WARCWriter
 
-    files = files or max(4, min(32, round(mb / 4)))
+    files = files or 2 * max(4, min(16, round(mb / 4)))  # even, >= 8: units balance over 2 workers
     folder = cache / f"corpus-{mb:g}mb-s{seed}-f{files}-v{VERSION}"
     meta_path = folder / "corpus.json"
     if meta_path.exists():
