@@ -18,11 +18,11 @@ from flows.runtime import forward_logs, link_mlflow_run, with_policy, workdir_lo
 from tasks.config import load_config
 from tasks.crawl import crawl
 from tasks.dedupe import dedupe
-from tasks.evaluate import evaluate, suite_digests
 from tasks.normalize import normalize
-from tasks.pretrain import init_base, pretrain
-from tasks.register import register
 from tasks.tokenization import tokenize
+
+# pretrain, evaluate and register (torch, MLflow) are imported by pipeline() itself: the runner's
+# worker processes import this module to find the flow a unit belongs to, and need none of them.
 
 # Stage progress is logged on "forja.*" loggers; flows.runtime.forward_logs sends them to the
 # run's log in the Prefect UI once they pass this level.
@@ -34,7 +34,17 @@ def default_workdir() -> str:
     return os.environ.get("FORJA_WORKDIR") or "work"
 
 
-def build_corpus(cfg, wd: str, runner: str | None) -> list:
+def tokenizer_base(cfg, wd: str) -> dict | None:
+    """pretrain.init_from's (or tokenize.tokenizer_from's) registered version, whose tokenizer the
+    tokenize stage encodes with; None when a new tokenizer is trained."""
+    if not (cfg.pretrain.init_from or cfg.tokenize.tokenizer_from):
+        return None
+    from tasks.pretrain import init_base
+
+    return init_base(cfg.pretrain, cfg.tokenize, wd)
+
+
+def build_corpus(cfg, wd: str, runner: str | None, base: dict | None = None) -> list:
     """crawl -> dedupe -> normalize -> tokenize with their units on one runner opened for them
     (a `dask` cluster lives only this long: training does not share the machine with it).
     The manifests of the four stages, in order."""
@@ -42,7 +52,6 @@ def build_corpus(cfg, wd: str, runner: str | None) -> list:
         crawled = with_policy(crawl)(cfg.crawl, wd)
         deduped = with_policy(dedupe)(cfg.dedupe, crawled, wd)
         normalized = with_policy(normalize)(cfg.normalize, deduped, wd)
-        base = init_base(cfg.pretrain, cfg.tokenize, wd)  # pretrain.init_from's version (its tokenizer), or None
         tokens = with_policy(tokenize)(cfg.tokenize, normalized, wd, base)
     return [crawled, deduped, normalized, tokens]
 
@@ -75,7 +84,7 @@ def data(config_path: str = "configs/demo.yaml", overrides: list[str] | None = N
     resolve(runner or None)  # a misspelt runner fails here, before any stage
     wd = os.path.abspath(workdir or default_workdir())
     with workdir_lock(wd, if_busy):
-        manifests = build_corpus(cfg, wd, runner or None)
+        manifests = build_corpus(cfg, wd, runner or None, tokenizer_base(cfg, wd))
     summarize(manifests, started)
     return data_summary(manifests, wd, resolve(runner or None), time.time() - started)
 
@@ -95,14 +104,18 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         runner: where the data stages' units run: `local` (processes here), `dask` (a Dask cluster
             started for the run) or `tcp://HOST:PORT` (an existing scheduler); empty: $FORJA_RUNNER, else local.
     """
+    from tasks.evaluate import evaluate, suite_digests
+    from tasks.pretrain import pretrain
+    from tasks.register import register
+
     forward_logs()
     started = time.time()
     cfg = load_config(config_path, overrides or [])  # a bad config fails here, before any stage
     resolve(runner or None)  # so does a misspelt runner
     wd = os.path.abspath(workdir or default_workdir())
     with workdir_lock(wd, if_busy):
-        crawled, deduped, normalized, tokens = build_corpus(cfg, wd, runner or None)
-        base = init_base(cfg.pretrain, cfg.tokenize, wd)
+        base = tokenizer_base(cfg, wd)
+        crawled, deduped, normalized, tokens = build_corpus(cfg, wd, runner or None, base)
         trained = with_policy(pretrain)(cfg.pretrain, tokens, wd, cfg.register.experiment,
                                         [crawled, deduped, normalized], cfg.register.model_name, base)
         link_mlflow_run(trained.stats["mlflow_run_id"], wd, "MLflow training run")
