@@ -98,7 +98,6 @@ class DedupeConfig(Section):
     num_perm: int = Field(128, ge=16, le=1024)
     shingle_size: int = Field(5, ge=1, description="words per shingle")
     seed: int = 1
-    workers: int = Field(0, ge=0, description="processes computing signatures of large corpora; 0 = all cores")
     index: Literal["memory", "redis"] = Field("memory", description="where the LSH index lives")
     redis_url: str = "redis://127.0.0.1:6379/0"
     index_name: str | None = Field(None, description="keep the index across runs under this name (incremental): "
