@@ -14,11 +14,13 @@ of paragraphs (so there are as many distinct documents as the size asks for), wr
 template (navigation, footer) for the extractor to remove, and written round-robin into several
 .warc.gz files (units of work to map). A known share of pages are near-duplicates of earlier
 pages (about 0.5% of words changed, the same layout, other links around it), and a known share are too short for the
-quality filters. The same (mb, seed) always builds the same bytes, into CACHE/corpus-<mb>mb-s<seed>.
+quality filters. The same (mb, seed) and sources always build the same bytes, into
+CACHE/corpus-<mb>mb-s<seed>-f<files>-<digest of the paragraphs>-v<builder version>.
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import html
 import io
 import json
@@ -26,6 +28,7 @@ import random
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +176,8 @@ def _warc_record(writer, url: str, body: bytes, date: str):
     headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                           ("Content-Length", str(len(body)))], protocol="HTTP/1.1")
     rec = writer.create_warc_record(url, "response", payload=io.BytesIO(body), http_headers=headers,
-                                    warc_headers_dict={"WARC-Date": date})
+                                    warc_headers_dict={"WARC-Date": date,  # fixed ids and dates: the same bytes each build
+                                                       "WARC-Record-ID": f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, url)}>"})
     writer.write_record(rec)
 
 
@@ -186,11 +190,13 @@ def build(mb: float, cache: Path, seed: int = 0, files: int | None = None) -> di
     from warcio.warcwriter import WARCWriter
 
     files = files or 2 * max(4, min(16, round(mb / 4)))  # even, >= 8: units balance over 2 workers
-    folder = cache / f"corpus-{mb:g}mb-s{seed}-f{files}-v{VERSION}"
+    pool, sources = paragraph_pool()
+    # the sources found on this machine are part of the name: another set of packages, another corpus
+    digest = hashlib.sha256("\n".join(pool).encode()).hexdigest()[:8]
+    folder = cache / f"corpus-{mb:g}mb-s{seed}-f{files}-{digest}-v{VERSION}"
     meta_path = folder / "corpus.json"
     if meta_path.exists():
         return json.loads(meta_path.read_text()) | {"folder": str(folder)}
-    pool, sources = paragraph_pool()
     if len(pool) < 100:
         raise SystemExit(f"only {len(pool)} paragraphs found in {list(SOURCES)}: is data/demo-site there?")
     rng = random.Random(seed)
