@@ -79,7 +79,7 @@ def build(cfg: CrawlConfig, out: Path, cache: HttpCache | None = None, fresh_sin
     except BaseException:
         docs.abort()
         raise
-    jobs = [(cfg, kind, path, tf, idf, i, str(out)) for i, (kind, path, tf, idf) in enumerate(units.plan(cfg))]
+    jobs = [(cfg, kind, path, tf, idf, i, str(Path(out).resolve())) for i, (kind, path, tf, idf) in enumerate(units.plan(cfg))]
     stats = units.assemble(Path(out), docs, map_units(crawl_file, jobs), counts)
     if not stats["documents"]:
         hint = ("; the SSRF guard refused a non-public address: set crawl.allow_loopback: true for a server on "
