@@ -1,6 +1,6 @@
 """forja's data stages side by side with datatrove, on a WARC corpus of real Portuguese text.
 
-    .venv/bin/python benchmarks/data.py [--mb 20] [--workers 2] [--skip-datatrove] [--skip-scaling] [--skip-2x]
+    .venv/bin/python benchmarks/data.py [--mb 16] [--workers 2] [--skip-datatrove] [--skip-scaling] [--skip-2x]
 
 1. Builds (once, cached under benchmarks/.cache) a seeded corpus of --mb MB of HTML in several
    .warc.gz files (benchmarks/corpus.py: the demo site and Debian's Portuguese documentation,
@@ -155,7 +155,7 @@ def table(rows: list[tuple]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mb", type=float, default=20, help="corpus size in MB of HTML (default 20)")
+    ap.add_argument("--mb", type=float, default=16, help="corpus size in MB of HTML (default 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes on both sides (default 2)")
     ap.add_argument("--cache", default=str(ROOT / "benchmarks/.cache"))
