@@ -45,7 +45,8 @@ class CrawlConfig(Section):
     path_prefixes: list[str] = Field(default_factory=list, description="in-scope path prefixes; default: each seed's folder")
     follow_links: bool = Field(True, description="false: fetch only the seeds (seed lists of JavaScript sites)")
     max_depth: int = Field(3, ge=0)
-    max_pages: int = Field(200, ge=1)
+    max_pages: int = Field(200, ge=1, description="most documents from the web seeds in all; each host's walk "
+                           "also stops at it (the first max_pages in seed/host order are kept)")
     delay_s: float = Field(1.0, ge=0, description="minimum pause between two requests to the same host")
     timeout_s: float = Field(15.0, gt=0, description="connect/read timeout of one request")
     deadline_s: float = Field(60.0, gt=0, description="total time allowed to read one body")
@@ -58,11 +59,12 @@ class CrawlConfig(Section):
     licence: str = Field("", description="licence or source note stored with every document")
     shard_docs: int = Field(5000, ge=1, description="documents per output shard; later stages map over shards")
     max_file_bytes: int = Field(64 * 2**30, ge=1024, description="most bytes read (after decompression) from one "
-                                "input file (WARC, JSONL, Parquet); the rest of a file past it is skipped and counted")
+                                "input file (WARC, JSONL, Parquet; a folder: all its files together); the rest past it is "
+                                "skipped and counted as <kind>_file_limit")
     concurrency: int = Field(8, ge=1, description="hosts crawled at once; each host keeps its own delay, robots "
                              "and connection limit")
     host_connections: int = Field(1, ge=1, description="requests in flight to one host at a time")
-    max_frontier: int = Field(100_000, ge=1, description="most URLs waiting to be fetched; links found past it are "
+    max_frontier: int = Field(100_000, ge=1, description="most URLs waiting to be fetched per host; links found past it are "
                               "counted as frontier_full and not queued")
     refresh: str | None = Field(
         None, description="web seeds: revalidate the pages after this long (e.g. 7d, 12h, 30m) with conditional "
