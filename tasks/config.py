@@ -141,6 +141,8 @@ class QualityConfig(Section):
 
 class NormalizeConfig(Section):
     languages: list[str] = Field(default_factory=lambda: ["pt"], min_length=1)
+    language_id: bool = Field(True, description="false: no language detection (lang empty, every language kept; "
+                              "for corpora known to be in one language, and the data benchmark)")
     min_lang_confidence: float = Field(0.8, ge=0, le=1)
     min_chars: int = Field(200, ge=0)
     lang_seed: int = 0
@@ -284,7 +286,7 @@ class FinetuneConfig(Section):
 class ForjaConfig(Section):
     name: str = "forja"
     crawl: CrawlConfig
-    dedupe: DedupeConfig = DedupeConfig()
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)  # built on use: its check imports datasketch
     normalize: NormalizeConfig = NormalizeConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     pretrain: PretrainConfig = PretrainConfig()

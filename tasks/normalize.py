@@ -60,11 +60,13 @@ def judge(text: str, cfg: NormalizeConfig) -> tuple[str | None, str, float]:
     """(drop reason or None, language, confidence) for an already cleaned text."""
     if len(text) < cfg.min_chars:
         return "too_short", "", 0.0
-    lang, prob = language(text, cfg.lang_seed)
-    if lang not in cfg.languages:
-        return "language", lang, prob
-    if prob < cfg.min_lang_confidence:
-        return "low_language_confidence", lang, prob
+    lang, prob = "", 0.0
+    if cfg.language_id:
+        lang, prob = language(text, cfg.lang_seed)
+        if lang not in cfg.languages:
+            return "language", lang, prob
+        if prob < cfg.min_lang_confidence:
+            return "low_language_confidence", lang, prob
     if cfg.quality.enabled and (rule := failed_rule(text, cfg.quality)):
         return f"quality:{rule}", lang, prob
     return None, lang, prob

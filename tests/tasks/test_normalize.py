@@ -40,6 +40,22 @@ def test_english_page_is_dropped_with_reason_language(tmp_path):
     assert stats["dropped"] == {"language": 1, "too_short": 1}
 
 
+def test_without_language_id_every_language_is_kept_and_never_detected(tmp_path, monkeypatch):
+    def no_detection(*_):
+        raise AssertionError("language detection ran with normalize.language_id false")
+
+    monkeypatch.setattr(n, "language", no_detection)
+    out = tmp_path / "out"
+    out.mkdir()
+    english = ENGLISH + (" Long before the harbour was built, fishermen dried their nets on the rocks and sold"
+                         " the morning catch in the square. Visitors now come for the old lighthouse, the narrow"
+                         " streets and a museum that tells how the village grew from a handful of wooden huts.")
+    stats = n.build(NormalizeConfig(language_id=False), [write(tmp_path, [PT, english, "curto"])], out)
+    kept = read_docs(out).to_pylist()
+    assert [k["id"] for k in kept] == ["d0", "d1"] and {k["lang"] for k in kept} == {""}
+    assert stats["dropped"] == {"too_short": 1}
+
+
 def test_language_detection_is_deterministic():
     text = "Linux é bom. Linux is good. " * 3
     assert len({n.language(text, 0) for _ in range(5)}) == 1
