@@ -52,8 +52,9 @@ def forja_config(meta: dict, path: Path) -> Path:
     folder = Path(meta["folder"]).resolve()
     normalize = {"languages": ["pt"]} | ({"language_id": False} if forja_has_language_switch() else {})
     cfg = {"name": "bench-data",
-           "crawl": {"warc": [str(folder / f) for f in meta["files"]], "licence": "benchmark corpus",
-                     "shard_docs": 500},  # ~2 MB of HTML a shard: enough units for the workers
+           # the default crawl.shard_docs: one shard per WARC file (about 540 pages), so each stage
+           # has as many equal units as files
+           "crawl": {"warc": [str(folder / f) for f in meta["files"]], "licence": "benchmark corpus"},
            "dedupe": {"threshold": 0.8, "num_perm": 128, "shingle_size": 5},
            "normalize": normalize,
            "tokenize": {"vocab_size": 4096, "seq_len": 256}}
@@ -155,7 +156,7 @@ def table(rows: list[tuple]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mb", type=float, default=16, help="corpus size in MB of HTML (default 16)")
+    ap.add_argument("--mb", type=float, default=32, help="corpus size in MB of HTML (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes on both sides (default 2)")
     ap.add_argument("--cache", default=str(ROOT / "benchmarks/.cache"))

@@ -95,7 +95,9 @@ def dask_cluster(workers: int, env: dict, logs: Path) -> Iterator[str]:
     try:
         for i in range(workers):
             procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1",
-                                           "--nworkers", "1", "--no-dashboard", "--name", f"w{i}"],
+                                           "--nworkers", "1", "--no-dashboard", "--name", f"w{i}",
+                                           # forja's stage code imported at start, as long-lived workers do
+                                           "--preload", "flows.pipeline"],
                                           env=env, cwd=os.getcwd(), stdout=subprocess.DEVNULL,
                                           stderr=open(logs / f"worker-{i}.log", "w")))
         deadline = time.time() + 120
