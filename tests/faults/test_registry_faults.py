@@ -33,7 +33,7 @@ def models(tmp_path):
 
 def promote_in_child(uri: str, version: str, fault: str) -> int:
     """`registry.promote` in another process that FORJA_FAULT kills at `fault`; its exit code."""
-    code = f"import mlflow; from tasks import registry; registry.promote(mlflow.MlflowClient({uri!r}), {NAME!r}, {version!r})"
+    code = f"import mlflow; from tasks.models import registry; registry.promote(mlflow.MlflowClient({uri!r}), {NAME!r}, {version!r})"
     env = dict(os.environ, FORJA_FAULT=fault)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=120).returncode
 
