@@ -32,7 +32,7 @@ from tasks.config import CrawlConfig
 from tasks.ingest import units
 from tasks.ingest.documents import (DOC_SCHEMA, HTML_TYPES, MAX_HTML_CHARS, DocumentSink, doc_id,  # noqa: F401
                                     extract, links, sniff_encoding, to_document)
-from tasks.mapping import map_units
+from tasks.mapping import map_units, unit_options
 from tasks.reports import publish_counts
 from tasks.web import freshness, sites
 from tasks.web.fetch import CrawlError, Fetcher, Refused  # noqa: F401
@@ -54,7 +54,7 @@ def read_seed_files(paths: list[str]) -> list[str]:
     return urls
 
 
-@task(name="crawl-file")
+@task(name="crawl-file", **unit_options())
 def crawl_file(cfg: CrawlConfig, kind: str, path: str, text_field: str | None, id_field: str | None,
                index: int, folder: str) -> dict:
     """One file source (a WARC, JSONL or Parquet file, or a folder) into shards in folder."""

@@ -16,6 +16,17 @@ import contextlib
 import contextvars
 from typing import Any, Iterator, Sequence
 
+def unit_options() -> dict:
+    """The keyword arguments of every unit's @task: `@task(name="normalize-shard", **unit_options())`.
+
+    A unit is never a cache hit (it must write its files into this build's temp folder) and its
+    result, a few counts, travels back with the task run, so nothing is hashed or persisted for
+    it: less work per unit on every worker."""
+    from prefect.cache_policies import NO_CACHE
+
+    return {"cache_policy": NO_CACHE, "persist_result": False}
+
+
 _RUNNER: contextvars.ContextVar = contextvars.ContextVar("forja_unit_runner", default=None)
 
 

@@ -20,7 +20,7 @@ from prefect import task
 
 from model.faults import fault_point
 from tasks import stage
-from tasks.mapping import map_units
+from tasks.mapping import map_units, unit_options
 from tasks.config import NormalizeConfig
 from tasks.text.pii import scrub
 from tasks.text.quality import failed_rule
@@ -147,7 +147,7 @@ def build(cfg: NormalizeConfig, documents: list[Path], out: Path, mapper=None) -
     return stats
 
 
-@task(name="normalize-shard")
+@task(name="normalize-shard", **unit_options())
 def normalize_shard(cfg: NormalizeConfig, documents: Path, out: Path, index: int) -> dict:
     """One shard of the normalize stage (mapped by the normalize task; counts only, no data)."""
     return build_shard(cfg, documents, out, index)

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from model.chat import EOT  # noqa: F401 - part of this module's surface (tests, benchmarks)
 from tasks import stage
 from tasks.config import TokenizeConfig
-from tasks.mapping import map_units
+from tasks.mapping import map_units, unit_options
 from tasks.reports import publish_counts
 from tasks.tokens.bpe import (BYTE_LEVEL_SPLIT, encode_all, fast_encoder, is_validation,  # noqa: F401
                               pre_tokenizers_byte_map, sample_texts, train_tokenizer)
@@ -33,7 +33,7 @@ from tasks.tokens.views import preview, token_html, vocabulary_report
 log = logging.getLogger("forja.tokenize")
 
 
-@task(name="tokenize-shard")
+@task(name="tokenize-shard", **unit_options())
 def tokenize_shard(cfg: TokenizeConfig, documents: Path, index: int, out: Path, hold_out_last: bool = False) -> dict:
     """One normalize shard of the tokenize stage (mapped by build; writes files, returns counts only)."""
     return encode_shard(cfg, documents, index, out, hold_out_last)

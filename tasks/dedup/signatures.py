@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks import stage
 from tasks.config import DedupeConfig
 from tasks.dedup.minhash import sign_chunk
+from tasks.mapping import unit_options
 
 PREFIX = "signatures"
 BATCH = 1000  # documents signed and written at a time
@@ -33,7 +33,7 @@ def signature_file(folder: str | Path, n: int) -> Path:
     return Path(folder) / stage.shard_name(PREFIX, n)
 
 
-@task(name="dedupe-signatures", cache_policy=NO_CACHE, persist_result=False)
+@task(name="dedupe-signatures", **unit_options())
 def sign_shard(cfg: DedupeConfig, shard: str, folder: str, n: int) -> dict:
     """Write the signatures of crawl shard `shard` (number n) into folder; returns its row count.
     Idempotent: a rerun (a lost worker) rewrites the same file."""

@@ -18,6 +18,7 @@ stops at max_pages documents, and the crawl keeps the first max_pages in that or
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import threading
@@ -104,7 +105,8 @@ def crawl_web(cfg: CrawlConfig, seeds: list[str], counts: Counter, docs: Documen
             if not active:
                 break
             with ThreadPoolExecutor(min(cfg.concurrency, len(active)), thread_name_prefix="crawl-host") as pool:
-                futures = [pool.submit(_walk_host, walker, h, round_) for h in active]
+                # each thread runs in a copy of this context, so its log lines reach the Prefect run's log
+                futures = [pool.submit(contextvars.copy_context().run, _walk_host, walker, h, round_) for h in active]
                 done = [f.result() for f in futures]  # the first error, in host order
             for h, (files, host_counts) in zip(active, done):
                 counts.update(host_counts)
@@ -162,7 +164,7 @@ def _walk_host(w: Walker, h: HostWalk, round_: int) -> tuple[list[dict], Counter
             while h.queue and len(window) < cfg.host_connections and h.kept + len(window) < cfg.max_pages:
                 url, depth = h.queue.popleft()
                 if _robots_allow(fetcher, url, depth == 0, counts):
-                    window.append((url, depth, pool.submit(fetcher.get, url) if pool else None))
+                    window.append((url, depth, pool.submit(contextvars.copy_context().run, fetcher.get, url) if pool else None))
             if not window:
                 continue
             url, depth, future = window.popleft()
