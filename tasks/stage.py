@@ -109,19 +109,13 @@ def partial(path: Path) -> Iterator[Path]:
     when the block ends without error. A unit of work killed mid-write (a lost worker) leaves
     only a `.part-*` file, which run_stage removes before listing the folder: no reader ever
     sees half a shard, and a rerun of the unit simply writes it again."""
-    tmp = part_path(path)
+    tmp = path.with_name(f"{PART}{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def part_path(path: Path) -> Path:
-    """The hidden temp name a file is written under before it is renamed to path (for writers
-    that span several calls; partial() for a block)."""
-    return path.with_name(f"{PART}{uuid.uuid4().hex[:8]}-{path.name}")
 
 
 def _drop_partials(folder: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlsplit
@@ -192,7 +193,7 @@ class DocumentSink:
     def flush(self) -> None:
         if self.rows:
             if self.writer is None:
-                self._tmp = stage.part_path(self.folder / stage.shard_name(self.prefix, self.shard))
+                self._tmp = self.folder / f"{stage.PART}{uuid.uuid4().hex[:8]}-{self.prefix}"
                 self.writer = pq.ParquetWriter(self._tmp, DOC_SCHEMA, compression="zstd")
             self.writer.write_table(pa.Table.from_pylist(self.rows, schema=DOC_SCHEMA))
             self.rows = []
