@@ -89,8 +89,13 @@ def dask_cluster(workers: int, env: dict, logs: Path) -> Iterator[str]:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs.mkdir(parents=True, exist_ok=True)
+    # no dashboard, so no use for the workers' sampling profiler (which takes the GIL from the
+    # running task every 10 ms to feed the dashboard's profile page): off, as in forja's `dask` runner
+    env = {**env, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+    # the scheduler unpickles each submitted task, so it imports forja's stage code too: at start
     procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL,
+                               "--no-dashboard", "--preload", "flows.pipeline"], env=env, cwd=os.getcwd(),
+                              stdout=subprocess.DEVNULL,
                               stderr=open(logs / "scheduler.log", "w"))]
     try:
         for i in range(workers):

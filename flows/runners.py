@@ -169,11 +169,21 @@ def open_runner(spec: str | None) -> Iterator[str]:
     resolved = resolve(spec)
     if resolved.startswith("tcp://"):
         check_scheduler(resolved)
-    with reachable_api(), make_runner(resolved) as runner, use_runner(runner):
+    quiet = _without_profiler() if resolved == "dask" else contextlib.nullcontext()
+    with reachable_api(), quiet, make_runner(resolved) as runner, use_runner(runner):
         if resolved != "local":
             _ = runner.client  # connect (or start the cluster) now, not at the first unit
         log.info("units of work run on %s", describe(resolved))
         yield resolved
+
+
+def _without_profiler():
+    """Dask config for the `dask` runner's own cluster: it has no dashboard, so its workers skip the
+    sampling profiler that feeds the dashboard's profile page (every 10 ms it takes the GIL from the
+    running unit to walk its stack)."""
+    import dask
+
+    return dask.config.set({"distributed.worker.profile.enabled": False})
 
 
 def describe(spec: str) -> str:

@@ -121,12 +121,14 @@ def pre_tokenizers_byte_map() -> dict[int, str]:
 
 
 class Encoder:
-    """Token ids of texts, batch after batch: tiktoken over the trained merges (all cores), checked
-    against tokenizers on the first texts it sees (about check_bytes of them); on any difference,
-    or if tiktoken cannot take the vocabulary, tokenizers encodes everything."""
+    """Token ids of texts, batch after batch: tiktoken over the trained merges (on `threads`
+    threads, default every core), checked against tokenizers on the first texts it sees (about
+    check_bytes of them); on any difference, or if tiktoken cannot take the vocabulary,
+    tokenizers encodes everything."""
 
-    def __init__(self, tok: Tokenizer, check_bytes: int = 200_000):
+    def __init__(self, tok: Tokenizer, check_bytes: int = 200_000, threads: int | None = None):
         self.tok, self.check_bytes, self.checked = tok, check_bytes, False
+        self.threads = threads or os.cpu_count() or 1
         try:
             self.fast = fast_encoder(tok)
         except Exception as e:  # e.g. a vocabulary tiktoken cannot take
@@ -141,13 +143,19 @@ class Encoder:
                     break
                 sample.append(t[: self.check_bytes])
                 size += len(sample[-1])
-            if self.fast.encode_ordinary_batch(sample) != [e.ids for e in self.tok.encode_batch(sample)]:
+            if self.fast.encode_ordinary_batch(sample, num_threads=self.threads) != self._slow(sample):
                 log.warning("tokenize: fast encoder disagrees with tokenizers on the sample; using tokenizers")
                 self.fast = None
             self.checked = True
         if self.fast is None:
+            return self._slow(texts)
+        return self.fast.encode_ordinary_batch(texts, num_threads=self.threads)
+
+    def _slow(self, texts: list[str]) -> list[list[int]]:
+        """tokenizers' ids: its batch call (its own thread pool) where every core is ours, else one by one."""
+        if self.threads > 1:
             return [e.ids for e in self.tok.encode_batch(texts)]
-        return self.fast.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        return [self.tok.encode(t).ids for t in texts]
 
 
 def encode_all(tok: Tokenizer, texts: list[str], check_bytes: int = 200_000) -> list[list[int]]:

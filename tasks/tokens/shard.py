@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from model.chat import EOT
 from model.faults import fault_point
 from tasks import stage
+from tasks.mapping import unit_threads
 from tasks.tokens.bpe import Encoder, is_validation
 
 SPLITS = ("train", "val")
@@ -124,7 +125,7 @@ def encode_shard(cfg, documents: Path, index: int, out: Path, hold_out_last: boo
     and the start of the shard's first validation document (for the preview)."""
     documents, out = Path(documents), Path(out)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    vocab, encode = tok.get_vocab_size(), Encoder(tok)
+    vocab, encode = tok.get_vocab_size(), Encoder(tok, threads=unit_threads())
     packers = {s: RowPacker(cfg.seq_len, tok.token_to_id(EOT)) for s in SPLITS}
     docs = {s: 0 for s in SPLITS}
     val_bytes = val_tokens = 0
