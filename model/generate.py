@@ -32,13 +32,14 @@ def save_folder(model: GPT, tokenizer_path: Path, out: Path) -> None:
     (out / TOKENIZER).write_bytes(Path(tokenizer_path).read_bytes())
 
 
-def load_folder(folder: Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """Load a model folder written by save_folder. Nothing is unpickled."""
+def load_folder(folder: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """Load a model folder written by save_folder (on `device`, cast to `dtype` if given: see
+    model.device.resolve). Nothing is unpickled."""
     folder = Path(folder)
     cfg = ModelConfig.load(folder / CONFIG)
     model = GPT(cfg)
     load_model(model, str(folder / WEIGHTS), device=device)
-    return model.to(device).eval(), Tokenizer.from_file(str(folder / TOKENIZER))
+    return model.to(device=device, dtype=dtype).eval(), Tokenizer.from_file(str(folder / TOKENIZER))
 
 
 class KVCache:

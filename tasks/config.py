@@ -283,8 +283,49 @@ class FinetuneConfig(Section):
                                               "<TYPE> placeholders before training (normalize's scrubber)")
 
 
+class ServeConfig(Section):
+    """forja serve: a registered model behind the OpenAI-compatible API, with a chat page."""
+
+    model_uri: str = Field("models:/forja-demo-faq@champion",
+                           description="models:/NAME@ALIAS (followed: when the alias moves, the new version "
+                                       "answers without a restart) or models:/NAME/VERSION (pinned)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0: any free port (printed at start)")
+    refresh_s: float = Field(30.0, gt=0, description="how often the alias is looked up in the registry")
+    max_batch: int = Field(8, ge=1, description="sequences decoded together: concurrent requests share each step")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long a new batch waits for more requests to join")
+    exchanges_kept: int = Field(10_000, ge=1, description="recent answers a feedback may refer to by request id")
+    feedback_db: str | None = Field(None, description="SQLAlchemy URL of the feedback database "
+                                                      "(postgresql+psycopg2://USER:PW@HOST/DB); default: SQLite "
+                                                      "in the work directory (feedback/feedback.db)")
+
+
+class FeedbackConfig(Section):
+    """The feedback flow: consented, rated exchanges become the next fine-tune of the champion.
+    The `finetune` section is the template (training knobs, suites, gate, base data in finetune.data);
+    its base_model is replaced by the model's current alias."""
+
+    db: str | None = Field(None, description="the feedback database (as serve.feedback_db); default: SQLite in "
+                                             "the work directory")
+    model_name: str | None = Field(None, description="the registered model whose feedback is used, whose alias "
+                                                     "is fine-tuned and under which the result is registered; "
+                                                     "default: finetune.model_name (the chat model forja serve "
+                                                     "answers with)")
+    alias: str = Field("champion", min_length=1)
+    min_records: int = Field(20, ge=1, description="fewer new usable conversations than this: the flow skips, "
+                                                   "saying so")
+    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of the feedback scored, not trained on")
+    decontam_ngram: int = Field(8, ge=3, description="words per n-gram when comparing with the evaluation suites")
+    decontam_overlap: float = Field(0.5, gt=0, le=1, description="a conversation sharing this share of its n-grams "
+                                                                  "with a suite item is removed")
+    seed: int = 0
+
+
 class ForjaConfig(Section):
     name: str = "forja"
+    device: str = Field("auto", description="where trained models run (evaluate, batch inference, the gate, "
+                                            "fine-tuning's comparison, serving): auto (CUDA in bf16 when present, "
+                                            "else the CPU), cpu, cuda or cuda:N")
     crawl: CrawlConfig
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)  # built on use: its check imports datasketch
     normalize: NormalizeConfig = NormalizeConfig()
@@ -293,6 +334,8 @@ class ForjaConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
     finetune: FinetuneConfig | None = None
+    serve: ServeConfig = ServeConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -301,6 +344,12 @@ class ForjaConfig(Section):
                 f"evaluate.max_new_tokens ({self.evaluate.max_new_tokens}) must be < tokenize.seq_len "
                 f"({self.tokenize.seq_len}), the model's context"
             )
+        from model.device import resolve
+
+        try:  # the spelling only: whether a GPU is there is known where the model is loaded
+            resolve(self.device, cuda_available=True, cuda_count=64, bf16_supported=True)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
         return self
 
 
