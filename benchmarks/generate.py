@@ -1,6 +1,7 @@
 """Generation speed: forja's KV cache against recomputing the whole prefix every step.
 
     .venv/bin/python benchmarks/generate.py [--model MODEL_FOLDER] [--new-tokens 256] [--batches 1 8]
+                                            [--device auto|cpu|cuda|cuda:N]
 
 Both decode greedily the same prompts (different lengths, left-padded into one batch) with
 model.generate.generate, which only differs in use_cache:
@@ -10,7 +11,8 @@ model.generate.generate, which only differs in use_cache:
 Without --model a `tiny`-preset model with random weights and a 512-token context is
 used (speed does not depend on the weights). tokens/s counts new tokens of the whole
 batch. The last line is one JSON object (its figures are those of the largest batch;
-per-batch figures are under "batches").
+per-batch figures are under "batches"). --device (default auto: CUDA in bf16 when present, else
+the CPU in fp32; model.device.resolve) says where the model runs, printed first and in the JSON.
 """
 from __future__ import annotations
 
@@ -26,13 +28,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import from_preset  # noqa: E402
+from model.device import resolve  # noqa: E402
 from model.generate import Sampling, generate, load_folder  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 
 
+def sync(model: GPT) -> None:
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+
+
 def timed(model: GPT, prompts: list[list[int]], s: Sampling, use_cache: bool) -> tuple[float, list[list[int]]]:
+    sync(model)
     t0 = time.perf_counter()
     out = generate(model, prompts, s, use_cache=use_cache)
+    sync(model)  # CUDA runs asynchronously: time the work, not its queueing
     seconds = time.perf_counter() - t0
     return sum(len(r) for r in out) / seconds, out
 
@@ -43,14 +53,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="auto", help="auto (CUDA in bf16 when present, else the CPU), cpu, cuda, cuda:N")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        where = resolve(args.device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
+    device = str(where)
+    print(f"device: {device}")
     if args.model:
-        model = load_folder(Path(args.model), device)[0]
+        model = load_folder(Path(args.model), where.device, where.torch_dtype)[0]
     else:
         torch.manual_seed(0)
-        model = GPT(from_preset("tiny", 4096, 512, tie_embeddings=False)).to(device).eval()
+        model = GPT(from_preset("tiny", 4096, 512, tie_embeddings=False)).to(where.device, where.torch_dtype).eval()
     cfg = model.cfg
     if args.new_tokens >= cfg.block_size - 8:
         raise SystemExit(f"--new-tokens must leave room for the prompts in the context ({cfg.block_size})")

@@ -6,7 +6,8 @@
 The input is cut into shards of --shard-size prompts; each becomes OUTPUT_DIR/part-NNNNN.parquet
 (columns: row, prompt, output), written to a temporary name and renamed when complete.
 A rerun skips the shards already there, so an interrupted job continues where it stopped;
-_SUCCESS.json is written last. Each shard is a Prefect task (retried on failure).
+_SUCCESS.json is written last. Each shard is a Prefect task (retried on failure). The model runs
+where the flow's `device` says (auto: CUDA in bf16 when present, else the CPU in fp32).
 
 One output is one job: OUTPUT_DIR/_JOB.json (written atomically before the first shard) records
 the model version the URI resolved to and its weights sha256, the sampling, chat, the shard size
@@ -78,15 +79,17 @@ def resolve(model_uri: str, tracking_uri: str):
 
 
 @lru_cache(maxsize=2)
-def load(pinned_uri: str, tracking_uri: str):
+def load(pinned_uri: str, tracking_uri: str, device: str = "auto"):
     """Download (sha256-checked) and load one registered version (models:/NAME/VERSION, which
-    never changes, so caching it per process is safe) once per process."""
+    never changes, so caching it per process is safe) once per process, on the `device` setting's
+    placement (model.device.resolve: CUDA in bf16 when present, else the CPU in fp32)."""
     import mlflow
 
+    from model.device import resolve as placement
     from tasks.models import registry
 
     version = resolve(pinned_uri, tracking_uri)
-    return registry.load_version(mlflow.MlflowClient(), version), f"{version.name}/{version.version}"
+    return registry.load_version(mlflow.MlflowClient(), version, placement(device)), f"{version.name}/{version.version}"
 
 
 def shard_path(out: Path, index: int) -> Path:
@@ -104,11 +107,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_shard(pinned_uri: str, tracking_uri: str, prompts: list[str], first_row: int, out: str, index: int,
-                sampling: dict, batch_size: int, chat: bool = False) -> int:
+                sampling: dict, batch_size: int, chat: bool = False, device: str = "auto") -> int:
     """Generate one shard and write it to a temporary name, renamed when complete."""
     from model.generate import Sampling, generate_text
 
-    (model, tokenizer), _ = load(pinned_uri, tracking_uri)
+    (model, tokenizer), _ = load(pinned_uri, tracking_uri, device)
     outputs = generate_text(model, tokenizer, prompts, Sampling(**sampling), batch_size, chat)
     table = pa.table({"row": pa.array(range(first_row, first_row + len(prompts)), pa.int64()),
                       "prompt": prompts, "output": outputs})
@@ -123,8 +126,8 @@ def write_shard(pinned_uri: str, tracking_uri: str, prompts: list[str], first_ro
 
 @task(name="batch-shard", retries=1)
 def run_shard(pinned_uri: str, tracking_uri: str, prompts: list[str], first_row: int, out: str, index: int,
-              sampling: dict, batch_size: int, chat: bool = False) -> int:
-    return write_shard(pinned_uri, tracking_uri, prompts, first_row, out, index, sampling, batch_size, chat)
+              sampling: dict, batch_size: int, chat: bool = False, device: str = "auto") -> int:
+    return write_shard(pinned_uri, tracking_uri, prompts, first_row, out, index, sampling, batch_size, chat, device)
 
 
 @contextmanager
@@ -188,12 +191,16 @@ def claim_output(out: Path, record: dict, fresh: bool) -> None:
 
 def run_batch(model_uri: str, input_path: str, output_dir: str, tracking_uri: str, shard_size: int = 256,
               sampling: dict | None = None, batch_size: int = 8, chat: bool = False, fresh: bool = False,
-              shard=write_shard) -> dict:
+              shard=write_shard, device: str = "auto") -> dict:
     """The whole job (the flow's body, callable without Prefect): lock the output, check or write
-    its job record, then generate the shards not yet written with the resolved version."""
+    its job record, then generate the shards not yet written with the resolved version, on the
+    `device` setting's placement (CUDA in bf16 when present, else the CPU). The device is not part
+    of the job record: shards made on another machine by the same model belong to the same job."""
+    from model.device import resolve as placement
     from model.generate import Sampling
 
     s = Sampling(**(sampling or {}))  # invalid values fail here, naming the field
+    where = placement(device)  # a bad setting, or cuda without a GPU, fails before any work
     prompts = read_prompts(Path(input_path))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,21 +215,24 @@ def run_batch(model_uri: str, input_path: str, output_dir: str, tracking_uri: st
         done = [i for i, _ in shards if shard_path(out, i).is_file()]
         if done:
             log.info("batch: %d of %d shards already written in %s; generating the rest", len(done), len(shards), out)
+        if len(done) < len(shards):
+            log.info("batch: model on %s", where)
         for i, chunk in shards:
             if i not in done:
-                shard(pinned, tracking_uri, chunk, i * shard_size, str(out), i, s.__dict__, batch_size, chat)
+                shard(pinned, tracking_uri, chunk, i * shard_size, str(out), i, s.__dict__, batch_size, chat, device)
                 log.info("batch: shard %d/%d written (%d prompts)", i + 1, len(shards), len(chunk))
         summary = {"model": f"{version.name}/{version.version}", "model_uri": model_uri,
                    "weights_sha256": version.tags.get("weights_sha256"), "input": str(input_path),
                    "prompts": len(prompts), "shards": len(shards), "resumed_shards": len(done),
-                   "sampling": s.__dict__, "chat": chat}
+                   "sampling": s.__dict__, "chat": chat, "device": str(where)}
         write_atomic(out / SUCCESS, json.dumps(summary, indent=2))
     return summary
 
 
 @flow(name="forja-batch", log_prints=True)
 def batch(model_uri: str, input_path: str, output_dir: str, shard_size: int = 256, sampling: dict | None = None,
-          batch_size: int = 8, workdir: str = "", chat: bool = False, fresh: bool = False) -> dict:
+          batch_size: int = 8, workdir: str = "", chat: bool = False, fresh: bool = False,
+          device: str = "auto") -> dict:
     """Generate for every prompt of input_path into output_dir's Parquet shards, skipping finished ones.
 
     Args:
@@ -236,6 +246,7 @@ def batch(model_uri: str, input_path: str, output_dir: str, shard_size: int = 25
         workdir: the work directory whose MLflow store is used when MLFLOW_TRACKING_URI is not set.
         chat: send each prompt as a user message through the chat template (fine-tuned models).
         fresh: discard output_dir's shards of a previous job and start over.
+        device: where the model runs: auto (CUDA in bf16 when present, else the CPU), cpu, cuda or cuda:N.
     """
     from flows.runtime import forward_logs
     from tasks.models import tracking
@@ -243,4 +254,4 @@ def batch(model_uri: str, input_path: str, output_dir: str, shard_size: int = 25
     forward_logs()
     tracking_uri = tracking.tracking_uri(workdir or os.environ.get("FORJA_WORKDIR") or "work")
     return run_batch(model_uri, input_path, output_dir, tracking_uri, shard_size, sampling, batch_size, chat, fresh,
-                     shard=run_shard)
+                     shard=run_shard, device=device)

@@ -12,6 +12,7 @@ from prefect import task
 
 from model.data import eval_batches, open_rows
 from model.checkpoint import file_sha256
+from model.device import Placement, resolve
 from model.generate import Sampling, generate_text, load_folder
 from tasks import stage
 from tasks.models import tracking
@@ -24,14 +25,29 @@ log = logging.getLogger("forja.evaluate")
 
 @torch.no_grad()
 def heldout_loss(model, files: list[Path], batch_size: int) -> tuple[float, int]:
-    """Mean next-token loss (nats) over every validation row, and the tokens scored."""
+    """Mean next-token loss (nats) over every validation row, and the tokens scored. The model may
+    compute in bf16; its loss is taken in float32 (GPT.forward) and summed here in Python floats."""
     rows = open_rows(files)  # the memory-mapped .npy copy when tokenize wrote one
+    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for x, y in eval_batches(rows, batch_size, max_batches=len(rows)):
+    for x, y in eval_batches(rows, batch_size, max_batches=len(rows), device=device):
         _, loss = model(x, y)
         total += float(loss) * y.numel()
         count += y.numel()
     return total / count, count
+
+
+def placement(setting: str | None, stage: str) -> Placement:
+    """Where a stage's models run (model.device.resolve of the config's `device`), said once in the
+    stage's log: "evaluate: model on cuda (bfloat16)". A bad setting fails here, before any loading."""
+    p = resolve(setting)
+    log.info("%s: model on %s", stage, p)
+    return p
+
+
+def load_placed(folder: Path, where: Placement):
+    """(model, tokenizer) of a model folder on the placement's device, in its dtype."""
+    return load_folder(Path(folder), where.device, where.torch_dtype)
 
 
 def suite_list(suites: list[SuiteConfig]) -> list[Suite]:
@@ -115,8 +131,9 @@ def log_to_run(workdir: str, run_id: str | None, metrics: dict, files: list[Path
         client.log_artifact(run_id, str(f))
 
 
-def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str, out: Path) -> dict:
-    model, tokenizer = load_folder(Path(trained.folder))
+def build(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str, out: Path,
+          where: Placement = Placement("cpu", "float32")) -> dict:
+    model, tokenizer = load_placed(Path(trained.folder), where)
     loss, n = heldout_loss(model, tokens.files_matching("val-"), cfg.batch_size)
     metrics = {
         "val_loss": loss,
@@ -152,13 +169,17 @@ CODE = ("tasks.evaluate", "tasks.evals.suites", "model.data", "model.generate", 
 
 @task(name="evaluate", **stage.task_options(*CODE))
 def evaluate(cfg: EvaluateConfig, trained: stage.Manifest, tokens: stage.Manifest, workdir: str,
-             suites_sha256: dict[str, str] | None = None) -> stage.Manifest:
+             suites_sha256: dict[str, str] | None = None, device: str = "auto") -> stage.Manifest:
     """Score the trained model on the held-out split and the configured suites, and sample from it.
 
-    suites_sha256 (suite_digests(cfg)) puts the suite files' contents in the cache keys.
+    suites_sha256 (suite_digests(cfg)) puts the suite files' contents in the cache keys. device is
+    the config's top-level `device` (auto: CUDA in bf16 when present, else the CPU in fp32).
     """
     key_config = cfg.model_dump(mode="json") | {"suites_sha256": suites_sha256 or suite_digests(cfg)}
+    # The device is not part of the key: the same model scored on another machine is the same
+    # result, so a folder evaluated on a GPU is reused on the CPU and the other way round.
     m = stage.run_stage("evaluate", key_config, [trained, tokens], workdir,
-                        lambda out, key: build(cfg, trained, tokens, workdir, out), CODE)
+                        lambda out, key: build(cfg, trained, tokens, workdir, out, placement(device, "evaluate")),
+                        CODE)
     publish_counts("evaluate", m)
     return m

@@ -34,6 +34,7 @@ import model.train
 from model.chat import PAD, ChatTemplate, as_messages
 from model.checkpoint import file_sha256
 from model.config import ModelConfig
+from model.device import Placement
 from model.generate import CONFIG, TOKENIZER
 from tasks import pretrain as pretrain_task
 from tasks import stage
@@ -202,21 +203,22 @@ def base_digests(cfg: FinetuneConfig, workdir: str) -> tuple[str, str]:
 
 
 def build_comparison(cfg: FinetuneConfig, data: stage.Manifest, trained: stage.Manifest, workdir: str,
-                     out: Path) -> dict:
-    """The suites and the held-out conversations' loss, on the base and on the fine-tuned model."""
-    from model.generate import load_folder
+                     out: Path, where: Placement = Placement("cpu", "float32")) -> dict:
+    """The suites and the held-out conversations' loss, on the base and on the fine-tuned model,
+    each loaded on where's device and dtype (the loss is taken in float32 either way)."""
     from model.data import open_mask, open_rows
     from model.train import evaluate_loss
-    from tasks.evaluate import evaluate_model, log_to_run, publish_table, suite_digests
+    from tasks.evaluate import evaluate_model, load_placed, log_to_run, publish_table, suite_digests
 
     val_files = data.files_matching("val-")
     rows, mask = open_rows(val_files), open_mask(val_files)
     results, generations = {}, {}
     for who, folder in (("base", Path(data.folder) / "base"), ("finetuned", Path(trained.folder))):
-        model_, tok = load_folder(folder)
+        model_, tok = load_placed(folder, where)
         metrics, generations[who] = evaluate_model(model_, tok, list(cfg.suites))
-        metrics["val_loss"] = evaluate_loss(model_, rows, 8, max(1, len(rows) // 8 + 1), "cpu", mask)
+        metrics["val_loss"] = evaluate_loss(model_, rows, 8, max(1, len(rows) // 8 + 1), where.device, mask)
         results[who] = metrics
+        del model_  # one model on the device at a time
     after = results["finetuned"]
     table = [{"metric": k, "base": round(results["base"][k], 4), "finetuned": round(v, 4)}
              for k, v in after.items() if not k.endswith(".items")]
@@ -241,12 +243,17 @@ COMPARE_CODE = ("tasks.finetune", "tasks.evaluate", "tasks.evals.suites", "model
 
 @task(name="finetune-compare", **stage.task_options(*COMPARE_CODE))
 def compare(cfg: FinetuneConfig, data: stage.Manifest, trained: stage.Manifest, workdir: str,
-            suites_sha256: dict[str, str]) -> stage.Manifest:
+            suites_sha256: dict[str, str], device: str = "auto") -> stage.Manifest:
     """Score base and fine-tuned model on the same suites (its config is an evaluate config, so the
-    registry can re-score a champion on these suites)."""
+    registry can re-score a champion on these suites). device is the config's top-level `device`
+    (auto: CUDA in bf16 when present, else the CPU in fp32)."""
+    from tasks.evaluate import placement
+
     key_cfg = {"suites": [s.model_dump(mode="json") for s in cfg.suites], "batch_size": 8,
                "suites_sha256": suites_sha256}
+    # The device is not part of the key: the same models scored on another machine give the same result.
     m = stage.run_stage("finetune-compare", key_cfg, [data, trained], workdir,
-                        lambda out, key: build_comparison(cfg, data, trained, workdir, out), COMPARE_CODE)
+                        lambda out, key: build_comparison(cfg, data, trained, workdir, out,
+                                                          placement(device, "finetune-compare")), COMPARE_CODE)
     publish_counts("finetune-compare", m)
     return m

@@ -54,10 +54,11 @@ def model_artifacts(trained: stage.Manifest) -> dict[str, str]:
             "tokenizer": str(trained.path(TOKENIZER))}
 
 
-def rescorer(evaluated: stage.Manifest, metric: str, workdir: str):
-    """Scores a champion on the candidate's suite when its recorded value came from another file."""
+def rescorer(evaluated: stage.Manifest, metric: str, workdir: str, device: str = "auto"):
+    """Scores a champion on the candidate's suite when its recorded value came from another file,
+    with the champion loaded where the config's `device` says (CUDA in bf16 when present)."""
     from tasks.config import EvaluateConfig
-    from tasks.evaluate import evaluate_model
+    from tasks.evaluate import evaluate_model, placement
 
     cfg = EvaluateConfig(**{k: v for k, v in evaluated.config.items() if k != "suites_sha256"})
     suite = registry.suite_of(metric)
@@ -66,7 +67,8 @@ def rescorer(evaluated: stage.Manifest, metric: str, workdir: str):
         if suite is None:
             raise ValueError(f"champion {champion.version} has no {metric!r} and held-out metrics cannot be "
                              "recomputed here; gate on a suite metric")
-        model, tokenizer = registry.load_version(mlflow.MlflowClient(), champion)
+        where = placement(device, "register (champion re-scoring)")
+        model, tokenizer = registry.load_version(mlflow.MlflowClient(), champion, where)
         sub = cfg.model_copy(update={"suites": [s for s in cfg.suites if s.name == suite]})
         value = evaluate_model(model, tokenizer, sub)[0][metric]
         log.info("register: champion %s re-scored on the current %s suite: %s %.4f", champion.version, suite,
@@ -142,14 +144,14 @@ def register_version(cfg: RegisterConfig, trained: stage.Manifest, run_id: str, 
 
 
 def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
-          workdir: str, out: Path, extra_tags: dict[str, str] | None = None) -> dict:
+          workdir: str, out: Path, extra_tags: dict[str, str] | None = None, device: str = "auto") -> dict:
     metrics = {k: float(v) for k, v in evaluated.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if cfg.gate_metric not in metrics:
         raise ValueError(f"register.gate_metric {cfg.gate_metric!r} is not an evaluate metric; "
                          f"choose one of {sorted(metrics)}")
     uri = tracking.tracking_uri(workdir)
     try:
-        return _build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, metrics)
+        return _build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, metrics, device)
     except (MlflowException, requests.RequestException, OSError) as e:
         if store_full(e, workdir):
             raise stage.StageDiskFull(
@@ -176,7 +178,8 @@ def store_full(exc: BaseException, workdir: str) -> bool:
 
 
 def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
-           workdir: str, out: Path, extra_tags: dict[str, str] | None, metrics: dict[str, float]) -> dict:
+           workdir: str, out: Path, extra_tags: dict[str, str] | None, metrics: dict[str, float],
+           device: str = "auto") -> dict:
     tracking.setup(workdir, cfg.experiment)
     client = mlflow.MlflowClient()
     run_id = trained.stats["mlflow_run_id"]
@@ -192,7 +195,7 @@ def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manife
         client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, mv.version)
         fault_point("register:candidate-alias")
         decision = registry.gate(client, cfg.model_name, mv.version, cfg.gate_metric, cfg.gate_direction,
-                                 cfg.gate_margin, rescorer(evaluated, cfg.gate_metric, workdir))
+                                 cfg.gate_margin, rescorer(evaluated, cfg.gate_metric, workdir, device))
     log.info("register: %s version %s (%s=%.4f); champion %s", cfg.model_name, mv.version, cfg.gate_metric,
              metrics[cfg.gate_metric], f"moved from {decision['previous_champion']}" if decision["promoted"]
              else f"stays on {decision['previous_champion']} ({decision['champion_value']:.4f})")
@@ -208,9 +211,12 @@ CODE = ("tasks.register", "tasks.models.registry", "model.serving")
 
 @task(name="register", **stage.task_options(*CODE))
 def register(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
-             workdir: str, extra_tags: dict[str, str] | None = None) -> stage.Manifest:
-    """Register the trained, evaluated model in MLflow and move its aliases."""
+             workdir: str, extra_tags: dict[str, str] | None = None, device: str = "auto") -> stage.Manifest:
+    """Register the trained, evaluated model in MLflow and move its aliases. device (the config's
+    top-level `device`) is where the gate re-scores a champion measured on another suite file; it
+    is not part of the key: a champion scored on another machine gives the same result."""
     m = stage.run_stage("register", cfg, [trained, evaluated], workdir,
-                        lambda out, key: build(cfg, trained, evaluated, lineage, workdir, out, extra_tags), CODE)
+                        lambda out, key: build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, device),
+                        CODE)
     publish_counts("register", m)
     return m

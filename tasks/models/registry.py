@@ -199,15 +199,17 @@ def download(client: mlflow.MlflowClient, version, dst: Path) -> Path:
     return weights.parent
 
 
-def load_version(client: mlflow.MlflowClient, version):
+def load_version(client: mlflow.MlflowClient, version, placement=None):
     """(model, tokenizer) of a version: downloaded into a temporary folder, sha256-checked,
-    loaded into memory; the folder is removed."""
+    loaded into memory (on a model.device.Placement's device and dtype when given, else the CPU
+    as saved); the folder is removed."""
     import tempfile
 
     from model.generate import load_folder
 
+    where = (placement.device, placement.torch_dtype) if placement is not None else ()
     with tempfile.TemporaryDirectory() as tmp:
-        return load_folder(download(client, version, Path(tmp)))
+        return load_folder(download(client, version, Path(tmp)), *where)
 
 
 def record_metrics(client: mlflow.MlflowClient, version, metrics: dict, suites_sha256: dict[str, str]) -> None:
