@@ -24,6 +24,8 @@ its value and the limit (environment variables, read when the model loads):
     FORJA_SERVE_MAX_TOTAL_TOKENS   prompt tokens kept + new tokens, summed over the rows (default 65536)
     FORJA_SERVE_BATCH_ROWS         prompts decoded together (memory)    (default 8)
     FORJA_SERVE_CACHE_SIZE         responses kept in the cache          (default 4096)
+    FORJA_SERVE_MAX_BODY_BYTES     a request body's size (forja serve; MLflow's server has its own)
+                                                                        (default 1048576)
     FORJA_SERVE_TIMEOUT_S          a request's time to generate         (default 0.9 x MLflow's
                                    MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s: answered before it cuts)
 
@@ -105,6 +107,7 @@ class Limits:
     batch_rows: int = 8
     cache_size: int = 4096
     timeout_s: float = 54.0
+    max_body_bytes: int = 1 << 20
 
     @classmethod
     def from_env(cls) -> "Limits":
@@ -112,7 +115,8 @@ class Limits:
 
         values = {}
         for name, kind in (("max_rows", int), ("max_prompt_tokens", int), ("max_new_tokens", int),
-                           ("max_total_tokens", int), ("batch_rows", int), ("cache_size", int), ("timeout_s", float)):
+                           ("max_total_tokens", int), ("batch_rows", int), ("cache_size", int), ("timeout_s", float),
+                           ("max_body_bytes", int)):
             env = f"FORJA_SERVE_{name.upper()}"
             raw = os.environ.get(env)
             if raw is not None:
