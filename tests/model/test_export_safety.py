@@ -85,6 +85,6 @@ def test_an_empty_folder_is_used_and_the_cli_has_a_force_flag(tmp_path):
 
     src = forja_folder(tmp_path / "a", seed=0)
     (tmp_path / "hf").mkdir()  # `mkdir hf && forja export ... hf`: nothing in it to lose
-    assert len(snapshot(export(src, tmp_path / "hf"))) == 6
+    assert len(snapshot(export(src, tmp_path / "hf"))) == 7  # six files and the marker
     args = parser().parse_args(["export", "models:/m@champion", "hf", "--force"])
     assert args.force and args.out == "hf"
