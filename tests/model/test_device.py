@@ -57,9 +57,11 @@ def no_prefect_ui(monkeypatch):
     """Outside a flow run Prefect would start a temporary API just to hold the UI tables (seconds);
     what is measured here does not go through them."""
     import tasks.evaluate
+    import tasks.finetune
 
     monkeypatch.setattr(tasks.evaluate, "publish_table", lambda *a, **k: None)
     monkeypatch.setattr(tasks.evaluate, "publish_counts", lambda *a, **k: None)
+    monkeypatch.setattr(tasks.finetune, "publish_counts", lambda *a, **k: None)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def evaluated(tmp_path_factory):
         SuiteConfig(name="t", kind="text", path=str(suites / "t.jsonl")),
         SuiteConfig(name="c", kind="choice", path=str(suites / "c.jsonl")),
         SuiteConfig(name="g", kind="generation", path=str(suites / "g.jsonl"), max_new_tokens=4, chat=True)])
-    return SimpleNamespace(wd=wd, trained=trained, tokens=tokens, cfg=cfg, folder=folder)
+    return SimpleNamespace(wd=wd, trained=trained, tokens=tokens, cfg=cfg, folder=folder, tokens_ids=ids)
 
 
 def todays_metrics(e) -> dict:
@@ -142,6 +144,40 @@ def test_bf16_compute_scores_close_to_fp32_with_float32_metrics(evaluated, tmp_p
     assert abs(bf16["val_loss"] - fp32["val_loss"]) < 0.05 * fp32["val_loss"]
     assert abs(bf16["t.bits_per_byte"] - fp32["t.bits_per_byte"]) < 0.05 * fp32["t.bits_per_byte"]
     assert len(bf16["samples"]) == 1
+
+
+def test_finetunings_comparison_on_the_cpu_gives_todays_scores(evaluated, caplog):
+    """Base and fine-tuned model scored side by side, asked for the CPU: the numbers the CPU gave
+    before the device setting (models loaded as saved), and the placement said once."""
+    from model.generate import load_folder
+    from model.train import evaluate_loss
+    from tasks import finetune, stage
+    from tasks.config import FinetuneConfig
+    from tasks.evaluate import evaluate_model
+
+    e = evaluated
+    ids = np.array([e.tokens_ids[i : i + 17] for i in range(0, 51, 17)], dtype=np.int64)
+    mask = np.ones_like(ids, dtype=bool)
+
+    def data_files(out, key):
+        (out / "base").mkdir()
+        for f in tiny_folder(e.wd / "base-src", seed=4).iterdir():
+            (out / "base" / f.name).write_bytes(f.read_bytes())
+        finetune.write_split(out, "val", ids, mask)
+        return {"base_model": "tiny/1"}
+
+    data = stage.run_stage("sft-data", {"t": 1}, [], e.wd, data_files, [])
+    cfg = FinetuneConfig(base_model="models:/tiny/1", data="unused.jsonl", suites=e.cfg.suites[:2])
+    with caplog.at_level(logging.INFO, logger="forja"):
+        m = finetune.compare.fn(cfg, data, e.trained, str(e.wd), {}, device="cpu")
+    assert caplog.text.count("finetune-compare: model on cpu (float32)") == 1
+    for who, folder in (("base", data.path("base")), ("finetuned", e.folder)):
+        model, tok = load_folder(folder)
+        want = evaluate_model(model, tok, list(cfg.suites))[0]
+        want["val_loss"] = evaluate_loss(model, ids, 8, 1, "cpu", mask)
+        got = {r["metric"]: r[who] for r in m.stats["comparison"]}
+        assert got == {k: round(v, 4) for k, v in want.items() if not k.endswith(".items")}
+    assert m.stats["val_loss"] == want["val_loss"]
 
 
 def test_the_gate_rescores_and_batch_generates_on_the_asked_device(evaluated, tmp_path):
