@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--device", default="auto", help="auto (CUDA in bf16 when present, else the CPU), cpu, cuda, cuda:N")
+    ap.add_argument("--device", default="auto",
+                    help="auto (CUDA in bf16 when present, else the CPU), cpu, cuda or cuda:N")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:

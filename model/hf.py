@@ -27,7 +27,9 @@ then deletes U+E000, leaving the text's own bytes, as forja encodes it; and it w
 before each message's content, which the pre-tokenizer splits on and removes, so the content is
 pre-tokenized on its own as forja does (else a content starting with whitespace could merge with
 the newline after the role marker). The price: the exported tokenizer drops those two characters
-from any text (they are Unicode private-use code points, which text rarely holds). The export never deletes a folder forja did not write:
+from any text (they are Unicode private-use code points, which text rarely holds).
+
+The export never deletes a folder forja did not write:
 it is built in a temporary sibling and renamed into place; an existing output is replaced
 only when it is exactly a previous export (the marker's files, unchanged) and the caller
 asks (replace=True, `forja export --force`), and then atomically (old aside, new in, old
@@ -201,22 +203,25 @@ def model_card(cfg: ModelConfig, params: int, vocab: int, chat: bool, versions=(
              "A decoder-only language model trained from scratch with forja (Prefect + DeepSpeed + MLflow), "
              "exported in the Llama layout.", "",
              "| | |", "|---|---|",
-             f"| architecture | LlamaForCausalLM: {cfg.n_layer} layers, hidden size {cfg.n_embd}, {cfg.n_head} attention "
-             f"heads ({cfg.n_kv_head} key/value), SwiGLU MLP {cfg.mlp_hidden}, RMSNorm, RoPE (theta {cfg.rope_theta:g}), "
-             f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings |",
+             f"| architecture | LlamaForCausalLM: {cfg.n_layer} layer(s), hidden size {cfg.n_embd}, {cfg.n_head} "
+             f"attention heads ({cfg.n_kv_head} key/value), SwiGLU MLP {cfg.mlp_hidden}, RMSNorm, RoPE "
+             f"(theta {cfg.rope_theta:g}), {'tied' if cfg.tie_embeddings else 'untied'} embeddings |",
              f"| parameters | {params:,} |", f"| context | {cfg.block_size} tokens |",
-             f"| vocabulary | {vocab} tokens, byte-level BPE" + (f"; special tokens {', '.join(SPECIAL_TOKENS)}"
-                                                                  if chat else "") + " |", "",
+             f"| vocabulary | {vocab} tokens, byte-level BPE"
+             + (f"; special tokens {', '.join(SPECIAL_TOKENS)}" if chat else "") + " |", "",
              "## Data lineage", ""]
     licences = []
     for v in versions:
         tags = dict(v.tags or {})
         stages = sorted((k[len("forja.stage."):], x) for k, x in tags.items() if k.startswith("forja.stage."))
-        lines.append(f"- {v.name} version {v.version}: " + (", ".join(f"{s} `{k}`" for s, k in stages) or "no stage keys"
-                                                           " recorded") + "".join(
-            f"; {label} {tags[t]}" for t, label in (("forja.parent", "fine-tuned from"), ("mlflow.run_id", "MLflow run"),
-                                                   ("prefect.flow_run_id", "Prefect flow run")) if tags.get(t)))
-        licences += [f"{v.name} version {v.version}: {tags['forja.data.licence']}"] if tags.get("forja.data.licence") else []
+        keys = ", ".join(f"{s} `{k}`" for s, k in stages) or "no stage keys recorded"
+        links = (("forja.parent", "fine-tuned from"), ("feedback.snapshot", "feedback snapshot"),
+                 ("feedback.records", "feedback records"), ("mlflow.run_id", "MLflow run"),
+                 ("prefect.flow_run_id", "Prefect flow run"))
+        lines.append(f"- {v.name} version {v.version}: {keys}"
+                     + "".join(f"; {label} {tags[t]}" for t, label in links if tags.get(t)))
+        if tags.get("forja.data.licence"):
+            licences.append(f"{v.name} version {v.version}: {tags['forja.data.licence']}")
         crawl = dict(stages).get("crawl")
         manifest = Path(workdir) / "artifacts" / "crawl" / crawl / "manifest.json" if crawl and workdir else None
         if manifest is not None and manifest.is_file():
