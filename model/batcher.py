@@ -226,6 +226,24 @@ class Engine:
             return True
         return False
 
+    @staticmethod
+    def _pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Next token of every row: rows that sample alike go through `pick` together (each with
+        its own generator, so a row's sample does not depend on its batch)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            s = r.job.sampling
+            groups.setdefault((s.temperature, s.top_k, s.top_p) if s.temperature > 0 else (0.0,), []).append(i)
+        tokens = [0] * len(rows)
+        for members in groups.values():
+            s = rows[members[0]].job.sampling
+            index = torch.tensor(members, device=logits.device)
+            part = logits.index_select(0, index) if len(members) < len(rows) else logits
+            picked = pick(part, s, [rows[i].generator for i in members] if s.temperature > 0 else None).tolist()
+            for i, t in zip(members, picked):
+                tokens[i] = t
+        return tokens
+
     @torch.inference_mode()
     def _step(self, model, rows: list[_Row], cache: BatchCache) -> None:
         """One token for every running row; finished, cancelled and late rows leave the batch."""
@@ -248,11 +266,7 @@ class Engine:
         logits = model(x, cache=cache, pad=pad)[:, -1, :]
         self.stats.steps += 1
         self.stats.batch_sizes[len(rows)] += 1
-        if all(r.job.sampling.temperature <= 0 for r in rows):
-            tokens = logits.argmax(-1).tolist()
-        else:
-            tokens = [int(pick(logits[i : i + 1], r.job.sampling, [r.generator] if r.generator else None)[0])
-                      for i, r in enumerate(rows)]
+        tokens = self._pick(logits, rows)
         done = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
             row.made += 1

@@ -127,7 +127,7 @@ def build_app(cfg, workdir: str, device: str = "auto", store=None, limits=None) 
             i for i in (served.eot_id, served.template.stop_id if kind == "chat" and served.template else None)
             if i is not None)
         start = lambda i: Generation(engine, served, parsed.prompts[i], parsed.sampling, stop_ids,  # noqa: E731
-                                     parsed.stops, deadline)
+                                     parsed.stops, deadline, incremental=parsed.stream)
         headers = {HEADER: served.label}
         remember = (lambda answer: exchanges.put(rid, {"model_name": served.name, "model_version": served.version,
                                                        "messages": parsed.messages, "answer": answer})) \

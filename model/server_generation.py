@@ -22,10 +22,10 @@ class Generation:
     """Decodes one prompt on the engine; iterate `deltas()` for its text, then read finish and tokens."""
 
     def __init__(self, engine: Engine, served, prompt: list[int], sampling: Sampling, stop_ids: frozenset[int],
-                 stops: list[str], deadline: float):
+                 stops: list[str], deadline: float, incremental: bool = True):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.text = TextStream(served.tokenizer, stops)
+        self.text = TextStream(served.tokenizer, stops, incremental)
         self.deadline = deadline
         self.finish: str | None = None
         self.tokens = 0

@@ -11,8 +11,10 @@ REPLACEMENT = "\ufffd"
 
 
 class TextStream:
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer, stops: list[str], incremental: bool = True):
         self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        # a whole answer without stop strings needs decoding once, at the end
+        self.incremental = incremental or bool(self.stops)
         self.ids: list[int] = []
         self.text = ""  # the text given out so far
         self.stopped = False
@@ -20,6 +22,8 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add a token; the new text that is safe to give out (sets stopped on a stop string)."""
         self.ids.append(token)
+        if not self.incremental:
+            return ""
         full = self.tokenizer.decode(self.ids)
         cut = self._stop_at(full)
         if cut is not None:
