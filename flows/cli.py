@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--chat", action="store_true", help="each prompt is a user message in the chat template")
     bt.add_argument("--fresh", action="store_true", help="discard OUTPUT_DIR's shards of a previous job (another "
                     "model version, sampling or input) and start over; without it such a rerun is refused")
+    bt.add_argument("--device", default="auto", help="auto (CUDA in bf16 when present, else the CPU), cpu, "
+                                                     "cuda or cuda:N")
     bt.add_argument("--workdir", default=None)
     ev = sub.add_parser("evaluate", help="score a registered model version on a config's evaluation suites",
                         description="Download MODEL_URI (its weights' sha256 checked), run CONFIG's evaluate.suites "
@@ -141,7 +143,8 @@ def registry_command(args, workdir: Path) -> int:
             from tasks.evaluate import evaluate_model, suite_digests
 
             try:
-                cfg = load_config(args.config, []).evaluate
+                full = load_config(args.config, [])
+                cfg = full.evaluate
             except ConfigError as e:
                 print(f"forja: {e}", file=sys.stderr)
                 return 2
@@ -149,7 +152,9 @@ def registry_command(args, workdir: Path) -> int:
                 print(f"forja: {args.config} lists no evaluate.suites", file=sys.stderr)
                 return 2
             version = registry.resolve(client, args.model_uri)
-            model, tokenizer = registry.load_version(client, version)
+            from model.device import resolve as placement
+
+            model, tokenizer = registry.load_version(client, version, placement(full.device))
             metrics, _ = evaluate_model(model, tokenizer, cfg)
             if not args.no_record:
                 with registry.registry_lock(workdir, version.name):
@@ -165,8 +170,16 @@ def registry_command(args, workdir: Path) -> int:
 
             check_output(Path(args.out), args.force)  # refuse before downloading anything
             version = registry.resolve(client, args.model_uri)
+            lineage = [version]  # the version and its parents (fine-tunes name theirs): the model card's lineage
+            while (parent := lineage[-1].tags.get("forja.parent")) and len(lineage) < 10:
+                name, _, number = parent.rpartition("/")
+                try:
+                    lineage.append(client.get_model_version(name, number))
+                except MlflowException:
+                    break
             with tempfile.TemporaryDirectory() as tmp:
-                out = export(registry.download(client, version, Path(tmp)), Path(args.out), replace=args.force)
+                out = export(registry.download(client, version, Path(tmp)), Path(args.out), replace=args.force,
+                             versions=lineage, workdir=str(workdir))
             print(f"{version.name} version {version.version} -> {out} (AutoModelForCausalLM.from_pretrained)")
         elif args.command == "rollback":
             with registry.registry_lock(workdir, args.name):
@@ -216,7 +229,10 @@ def batch_command(args, workdir: Path) -> int:
     from tasks.models import registry, tracking
 
     try:
+        from model.device import resolve as placement
+
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
+        placement(args.device)  # a device this machine lacks is refused before anything starts
         registry.resolve(tracking.client(workdir), args.model_uri)  # before Prefect starts
         if not Path(args.input).is_file():
             raise FileNotFoundError(f"batch input {args.input} does not exist")
@@ -227,7 +243,7 @@ def batch_command(args, workdir: Path) -> int:
 
     try:
         summary = batch(args.model_uri, args.input, args.output_dir, args.shard_size, sampling.__dict__,
-                        args.batch_size, str(workdir), args.chat, args.fresh)
+                        args.batch_size, str(workdir), args.chat, args.fresh, args.device)
     except (BatchMismatch, BatchConflict) as e:
         print(f"forja: {e}", file=sys.stderr)
         return 2

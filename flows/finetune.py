@@ -42,12 +42,12 @@ def finetune(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         data = with_policy(sft_data)(ft, wd, base_sha, data_sha)
         trained = with_policy(finetune_train)(ft, data, wd, cfg.register.experiment)
         link_mlflow_run(trained.stats["mlflow_run_id"], wd, "MLflow fine-tuning run")
-        scored = with_policy(compare)(ft, data, trained, wd, suite_digests(list(ft.suites)))
+        scored = with_policy(compare)(ft, data, trained, wd, suite_digests(list(ft.suites)), device=cfg.device)
         gate = RegisterConfig(model_name=ft.model_name, experiment=cfg.register.experiment,
                               gate_metric=ft.gate_metric, gate_direction=ft.gate_direction, gate_margin=ft.gate_margin)
         registered = with_policy(register)(gate, trained, scored, {m.stage: m.key for m in (data, trained, scored)},
                                            wd, {"forja.parent": data.stats["base_model"],
-                                                "forja.parent_uri": ft.base_model})
+                                                "forja.parent_uri": ft.base_model}, device=cfg.device)
     return {
         "workdir": wd, "base_model": data.stats["base_model"], "comparison": scored.stats["comparison"],
         "model_uri": registered.stats["model_uri"], "model_version": registered.stats["version"],

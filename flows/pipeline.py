@@ -119,10 +119,11 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         trained = with_policy(pretrain)(cfg.pretrain, tokens, wd, cfg.register.experiment,
                                         [crawled, deduped, normalized], cfg.register.model_name, base)
         link_mlflow_run(trained.stats["mlflow_run_id"], wd, "MLflow training run")
-        evaluated = with_policy(evaluate)(cfg.evaluate, trained, tokens, wd, suite_digests(cfg.evaluate))
+        evaluated = with_policy(evaluate)(cfg.evaluate, trained, tokens, wd, suite_digests(cfg.evaluate),
+                                          device=cfg.device)
         lineage = {m.stage: m.key for m in (crawled, deduped, normalized, tokens, trained, evaluated)}
         registered = with_policy(register)(cfg.register, trained, evaluated, lineage, wd,
-                                           trained.stats.get("version_tags") or None)
+                                           trained.stats.get("version_tags") or None, device=cfg.device)
     summarize([crawled, deduped, normalized, tokens, trained, evaluated, registered], started)
     return {
         "workdir": wd,

@@ -335,7 +335,8 @@ class StageInputs(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         workdir = str(inputs.get("workdir") or "")
-        kept = {k: _portable(v, workdir) for k, v in (inputs or {}).items() if k != "workdir"}
+        # where it ran (the work directory, the device) is never part of what a stage computes
+        kept = {k: _portable(v, workdir) for k, v in (inputs or {}).items() if k not in ("workdir", "device")}
         return hash_objects(kept, raise_on_failure=True)
 
 
