@@ -73,6 +73,29 @@ def parser() -> argparse.ArgumentParser:
     ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ft.add_argument("--workdir", default=None)
     ft.add_argument("--wait", action="store_true", help="wait for a run holding the work directory")
+    fb = sub.add_parser("feedback", help="fine-tune the served model on its users' rated answers (weekly)",
+                        description="Run the feedback flow: the consented feedback since the last snapshot "
+                        "(decontaminated against the suites), a fine-tune of feedback.alias of the chat model on "
+                        "it plus finetune.data, its suites and held-out feedback before and after, register and "
+                        "gate. Skips, saying so, below feedback.min_records new conversations.")
+    fb.add_argument("config")
+    fb.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    fb.add_argument("--workdir", default=None)
+    fb.add_argument("--wait", action="store_true", help="wait for a run holding the work directory")
+    sv = sub.add_parser("serve", help="serve a registered model: OpenAI-compatible API, chat page, feedback",
+                        description="Serve MODEL_URI over HTTP: /v1/chat/completions, /v1/completions (stream: "
+                        "true for server-sent events), /v1/models, /v1/feedback, and a chat page at /. An @ALIAS "
+                        "is followed: when it moves in the registry the new version answers without a restart.")
+    sv.add_argument("model_uri", nargs="?", default=None,
+                    help="models:/NAME@ALIAS or models:/NAME/VERSION (default: serve.model_uri of the config, "
+                    "models:/forja-demo-faq@champion)")
+    sv.add_argument("--config", default="configs/demo.yaml", help="the config whose serve section applies")
+    sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="e.g. --set serve.max_batch=16 --set serve.feedback_db=postgresql+psycopg2://...")
+    sv.add_argument("--host", default=None, help="address to listen on (default serve.host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000; 0: a free one)")
+    sv.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's device)")
+    sv.add_argument("--workdir", default=None)
     bt = sub.add_parser("batch", help="generate for a file of prompts into Parquet shards (resumable)",
                         description="Batch inference with a registered version: INPUT is Parquet (a 'prompt' column) "
                         "or JSONL ({'prompt': ...} a line); OUTPUT_DIR gets part-NNNNN.parquet shards (row, prompt, "
@@ -251,6 +274,30 @@ def batch_command(args, workdir: Path) -> int:
     return 0
 
 
+def serve_command(args, workdir: Path) -> int:
+    """forja serve: the config's serve section, with the command line's model, address and device."""
+    from model.device import resolve as placement
+    from model.server_model import ModelUnavailable
+    from tasks.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        changes = {k: v for k, v in (("model_uri", args.model_uri), ("host", args.host), ("port", args.port))
+                   if v is not None}
+        serve_cfg = cfg.serve.model_copy(update=changes)
+        device = args.device or cfg.device
+        placement(device)  # a GPU asked for on a machine without one: refused before loading anything
+        from model.server import run
+
+        run(serve_cfg, str(workdir), device)
+    except (ConfigError, ValueError, ModelUnavailable) as e:
+        print(f"forja: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def report_finetune(result: dict, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -272,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare_env(workdir)
     if args.command == "batch":
         return batch_command(args, workdir)
-    if args.command not in ("run", "finetune", "data"):
+    if args.command == "serve":
+        return serve_command(args, workdir)
+    if args.command not in ("run", "finetune", "data", "feedback"):
         return registry_command(args, workdir)
 
     from tasks.config import ConfigError, load_config
@@ -280,12 +329,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)  # fail fast, before Prefect starts
-        if args.command == "finetune":
+        if args.command in ("finetune", "feedback"):
             if cfg.finetune is None:
-                raise ConfigError(f"{args.config} has no finetune section (base_model, data, ...)")
+                raise ConfigError(f"{args.config} has no finetune section (base_model, data, ...)"
+                                  + (": the feedback flow fine-tunes with it" if args.command == "feedback" else ""))
             from tasks.models import registry, tracking
 
-            registry.resolve(tracking.client(workdir), cfg.finetune.base_model)  # before Prefect starts
+            base = cfg.finetune.base_model if args.command == "finetune" else \
+                f"models:/{cfg.feedback.model_name or cfg.finetune.model_name}@{cfg.feedback.alias}"
+            registry.resolve(tracking.client(workdir), base)  # before Prefect starts
         else:
             from flows.runners import check_scheduler, resolve
 
@@ -305,6 +357,15 @@ def main(argv: list[str] | None = None) -> int:
 
             result = finetune(config_path=args.config, overrides=args.overrides, workdir=str(workdir), if_busy=busy)
             report_finetune(result, time.time() - t0)
+            return 0
+        if args.command == "feedback":
+            from flows.feedback import feedback
+
+            result = feedback(config_path=args.config, overrides=args.overrides, workdir=str(workdir), if_busy=busy)
+            if result.get("skipped"):
+                print(f"forja feedback: {result['skipped']}")
+            else:
+                report_finetune(result, time.time() - t0)
             return 0
         if args.command == "data":
             import json

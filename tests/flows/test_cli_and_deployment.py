@@ -31,7 +31,7 @@ def test_prefect_yaml_declares_the_service_deployments():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
     flows = {"demo-weekly": "forja-pipeline", "demo-finetune": "forja-finetune", "batch": "forja-batch",
-             "promote": "forja-promote", "rollback": "forja-rollback"}
+             "promote": "forja-promote", "rollback": "forja-rollback", "feedback-weekly": "forja-feedback"}
     assert set(deployments) == set(flows)
     for name, dep in deployments.items():
         assert dep["entrypoint"].startswith("flows/")
@@ -47,11 +47,12 @@ def test_prefect_yaml_declares_the_service_deployments():
     weekly = deployments["demo-weekly"]
     assert (ROOT / weekly["parameters"]["config_path"]).is_file()
     assert (ROOT / deployments["batch"]["parameters"]["input_path"]).is_file()
-    (schedule,) = weekly["schedules"]
-    minute, hour, dom, month, dow = schedule["cron"].split()
-    assert dom == "*" and month == "*" and dow not in ("*",)  # once a week
+    for name in ("demo-weekly", "feedback-weekly"):
+        (schedule,) = deployments[name]["schedules"]
+        minute, hour, dom, month, dow = schedule["cron"].split()
+        assert dom == "*" and month == "*" and dow not in ("*",)  # once a week
     # One run per deployment at a time: a second one waits its turn.
-    for name in ("demo-weekly", "demo-finetune"):
+    for name in ("demo-weekly", "demo-finetune", "feedback-weekly"):
         assert deployments[name]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     # The fine-tune follows the retrain's completion, not the clock.
     ft = deployments["demo-finetune"]
