@@ -22,7 +22,10 @@ class Served:
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    m = GPT(ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # peaked logits: no near-ties for float noise to flip (random weights are near-uniform)
+        m.embed.weight.normal_(0, 1.0)
+    return m
 
 
 def run(engine, served, prompt, s, stop_ids=frozenset(), delay=0.0):
@@ -46,6 +49,7 @@ def test_sequences_joining_a_running_batch_decode_what_each_alone_would(model):
     sampled = Sampling(max_new_tokens=12, temperature=1.0, top_k=None, top_p=0.9, seed=3)
     engine = Engine(max_batch=3, batch_wait_ms=1)
     engine.start()
+    slow = model.register_forward_pre_hook(lambda *a: time.sleep(0.002))  # sequences outlast the arrivals
     try:
         served = Served(model)
         runs = []
@@ -54,6 +58,7 @@ def test_sequences_joining_a_running_batch_decode_what_each_alone_would(model):
         for done, _, _ in runs:
             assert done.wait(30)
     finally:
+        slow.remove()
         engine.stop()
     for i, (p, (_, tokens, end)) in enumerate(zip(prompts, runs)):
         alone = generate(model, [p], sampled if i == 3 else greedy)[0]
