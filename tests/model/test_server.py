@@ -242,3 +242,14 @@ def test_an_unknown_model_or_alias_names_the_registered_ones(srv):
         with pytest.raises(ModelUnavailable) as e:
             build_app(serve_config(uri), str(srv.workdir), "cpu", store=Store())
         assert "tiny (champion -> 1)" in str(e.value) and uri in str(e.value)
+
+
+def test_deterministic_requests_are_answered_from_the_cache_random_ones_are_not(srv):
+    stats = srv.app.state.engine.stats
+    ask = {"prompt": "Cache me", "max_tokens": 5, "temperature": 0.9, "seed": 11}
+    first = srv.http.post("/v1/completions", json=ask).json()
+    before = stats.sequences
+    again = srv.http.post("/v1/completions", json=ask).json()
+    assert stats.sequences == before and again["choices"] == first["choices"] and again["id"] != first["id"]
+    srv.http.post("/v1/completions", json={**ask, "seed": None})
+    assert stats.sequences == before + 1  # no seed, temperature > 0: generated anew
