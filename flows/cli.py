@@ -278,6 +278,7 @@ def serve_command(args, workdir: Path) -> int:
     """forja serve: the config's serve section, with the command line's model, address and device."""
     from model.device import resolve as placement
     from model.server_model import ModelUnavailable
+    from model.serving import TamperedWeights
     from tasks.config import ConfigError, load_config
 
     try:
@@ -290,7 +291,7 @@ def serve_command(args, workdir: Path) -> int:
         from model.server import run
 
         run(serve_cfg, str(workdir), device)
-    except (ConfigError, ValueError, ModelUnavailable) as e:
+    except (ConfigError, ValueError, ModelUnavailable, TamperedWeights) as e:
         print(f"forja: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
