@@ -65,7 +65,7 @@ def feedback(config_path: str = "configs/demo.yaml", overrides: list[str] | None
                           "rename yours")
     name = fb.model_name or ft.model_name
     wd = os.path.abspath(workdir or os.environ.get("FORJA_WORKDIR") or "work")
-    db = fb.db or default_url(wd)
+    db = fb.db or cfg.serve.feedback_db or default_url(wd)  # the database forja serve writes to
     with workdir_lock(wd, if_busy):
         store = open_store(db)
         try:

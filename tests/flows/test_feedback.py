@@ -55,6 +55,18 @@ def rate(workdir: Path, model: str, version: str, pairs, rating: int = 1) -> lis
         store.close()
 
 
+def snapshot_counts() -> dict:
+    """The latest feedback-snapshot counts table published to the Prefect API, as {metric: value}."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["feedback-snapshot-counts"])))
+    latest = max(found, key=lambda a: a.created)
+    data = json.loads(latest.data) if isinstance(latest.data, str) else latest.data
+    return {row["metric"]: row["value"] for row in data}
+
+
 def test_too_little_feedback_skips_saying_so_and_registers_nothing(prefect_harness, tmp_path):
     from flows.feedback import feedback
 
@@ -68,6 +80,7 @@ def test_too_little_feedback_skips_saying_so_and_registers_nothing(prefect_harne
     assert result["skipped"] == "skipped: 3 new usable conversations, feedback.min_records is 5"
     assert result["model_version"] is None and result["feedback"]["records"] == 5
     assert result["feedback"]["dropped"]["thumbs_down_without_correction"] == 2
+    assert snapshot_counts()["dropped.thumbs_down_without_correction"] == 2  # the counts table in the Prefect run
     store = open_store(default_url(str(workdir)))
     try:
         assert store.last_snapshot("chat-skip") is None  # nothing trained: the feedback waits for the next run
@@ -103,8 +116,8 @@ def test_feedback_fine_tunes_the_champion_registers_a_tagged_version_and_gates_i
     assert version.tags["forja.parent"] == f"chat-tiny/{parent.version}"
     champion = client.get_model_version_by_alias("chat-tiny", "champion").version
     after, before = rows["feedback_heldout.bits_per_byte"]["finetuned"], rows["feedback_heldout.bits_per_byte"]["base"]
-    assert result["promoted"] == (after < before)  # the gate's decision, on the held-out feedback
-    assert str(champion) == str(version.version if result["promoted"] else parent.version)
+    assert after < before and result["promoted"]  # the gate: better on the held-out feedback than the champion
+    assert str(champion) == str(version.version)
 
     # the snapshot is recorded: the next run sees nothing new and skips
     again = feedback(config_path=str(config), workdir=str(workdir))
