@@ -26,11 +26,12 @@ SYSTEM_DEPS := redis-server:/usr/bin/redis-server chromium:/usr/bin/chromium \
   chromium-driver:/usr/bin/chromedriver docker-compose:/usr/bin/docker-compose \
   postgresql:/usr/lib/postgresql/15/bin/initdb
 
-.PHONY: install system-deps demo serve test test-fast bench clean help up down status
+.PHONY: install system-deps demo serve chat test test-fast bench clean help up down status
 
 help:
 	@echo "make demo     install, then run the pipeline on configs/demo.yaml (crawl -> register), then fine-tune"
 	@echo "make serve    serve the champion of MODEL (default forja-demo) on http://127.0.0.1:$(SERVE_PORT)/invocations"
+	@echo "make chat     forja serve: chat page and OpenAI-compatible API of MODEL_URI (default models:/forja-demo-faq@champion) on http://127.0.0.1:8000/"
 	@echo "make test     install, then run the test suite"
 	@echo "make install  create $(VENV) and install forja with its test tools"
 	@echo "make bench    run the benchmarks in benchmarks/"
@@ -75,6 +76,9 @@ demo: install
 serve: install
 	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(WORKDIR))/mlflow.db} \
 	  $(BIN)/mlflow models serve -m models:/$${MODEL:-forja-demo}@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) -w 1
+
+chat: install    # forja serve: the OpenAI-compatible API and the chat page on 127.0.0.1:8000
+	$(BIN)/forja serve $${MODEL_URI:-models:/forja-demo-faq@champion} --workdir $(WORKDIR)
 
 test: install system-deps
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -v --durations=25

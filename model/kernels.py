@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +49,27 @@ def own_build_tools() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in parts if p and p != bin_dir])
 
 
+STALE_LOCK_S = 600  # a build takes about a minute; a build lock this old belongs to a killed build
+
+
+def clear_stale_build_locks(root: Path, older_than_s: float = STALE_LOCK_S) -> list[Path]:
+    """Remove the build locks of compiled ops (these kernels, DeepSpeed's) that a killed build left
+    under root (TORCH_EXTENSIONS_DIR's per-Python folder). torch waits for such a lock to go away
+    forever, so one interrupted build would hang every later training run on the machine. A lock is
+    stale when it is older than older_than_s, checked again just before it is removed (a build that
+    has just started holds a fresh one)."""
+    removed = []
+    for lock in Path(root).glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > older_than_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed %s: left by a build that was killed (older than %d s)", lock, older_than_s)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def load():
     """The compiled kernels, building them on first use; None where they cannot be built."""
     global _ops, _failed
@@ -64,6 +86,7 @@ def load():
     # build to a machine without AVX2.
     name = f"forja_kernels_{torch.backends.cpu.get_cpu_capability().lower()}"
     where = Path(_get_build_directory(name, verbose=False))
+    clear_stale_build_locks(where.parent)
     if not (where / f"{name}.so").exists():
         print(f"building forja's fused CPU kernels in {where} (once per machine, about a minute)", flush=True)
     try:

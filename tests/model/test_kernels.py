@@ -109,3 +109,19 @@ def test_switch_turns_them_off():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=os.environ | {"FORJA_FUSED_KERNELS": "0"}, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):
+    import os
+    import time
+
+    from model.kernels import clear_stale_build_locks
+
+    stale, live = tmp_path / "forja_kernels_avx2" / "lock", tmp_path / "deepspeed_shm_comm" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))  # a build killed an hour ago: torch would wait on it forever
+    assert clear_stale_build_locks(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()  # a build running now keeps its lock
