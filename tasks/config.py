@@ -162,6 +162,12 @@ class TokenizeConfig(Section):
                                     "bytes of training text (a seeded sample spread over every shard), so memory "
                                     "does not grow with the corpus")
     seed: int = 0
+    compare_vocab_sizes: list[int] = Field(
+        default_factory=list, description="also train BPEs of these sizes on the same bounded sample and compare "
+        "them on the validation split (bytes per token, vocabulary used, words split into many tokens): a table and "
+        "a plot in the stage folder and the Prefect run, vocab_size marked; [] = no comparison")
+    split_tokens: int = Field(3, ge=2, description="compare_vocab_sizes: a word split into more than this many "
+                                                   "tokens counts as fragmented")
     tokenizer_from: str | None = Field(
         None, pattern=r"^models:/", description="models:/NAME@ALIAS or /VERSION: encode with that registered "
         "version's tokenizer instead of training one (set by pretrain.init_from; vocab_size is then the version's)")
