@@ -25,6 +25,7 @@ from tasks import stage
 from tasks.config import TokenizeConfig
 from tasks.mapping import map_units, unit_options
 from tasks.reports import publish_counts
+from tasks.tokens import compare
 from tasks.tokens.bpe import (BYTE_LEVEL_SPLIT, encode_all, fast_encoder, is_validation,  # noqa: F401
                               pre_tokenizers_byte_map, sample_texts, train_tokenizer)
 from tasks.tokens.shard import SPLITS, encode_shard, pack  # noqa: F401
@@ -68,6 +69,8 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path, base: dict | No
     the run's runner); tests pass their own to run them in another order."""
     documents = [Path(d) for d in documents]
     units = units or (lambda jobs: map_units(tokenize_shard, jobs))
+    if cfg.compare_vocab_sizes:
+        compare.check_sizes(cfg)  # a bad size fails before any work
     n_docs = sum(pq.ParquetFile(f).metadata.num_rows for f in documents)
     too_few = f"{n_docs} document(s) in the normalize output: too few to split into train and validation"
     if n_docs < 2:
@@ -98,11 +101,12 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path, base: dict | No
     (out / "preview.txt").write_text(preview(tok, stats["first_val"]))
     (out / "tokens.html").write_text(token_html(tok, stats["first_val"]), encoding="utf-8")
     vocab = tok.get_vocab_size()
+    extra = {"vocab_compare": compare.compare(cfg, documents, out, tok)} if cfg.compare_vocab_sizes else {}
     return {
         "vocab_size": vocab, "seq_len": cfg.seq_len, "documents": stats["documents"], "rows": rows,
         "tokens": {s: int(rows[s] * cfg.seq_len) for s in SPLITS},
         **vocabulary_report(vocab, stats["documents"]["val"], stats["val_bytes"], stats["val_tokens"], stats["used"]),
-        "tokenizer_from": base,
+        "tokenizer_from": base, **extra,
     }
 
 
@@ -117,10 +121,13 @@ def tokenize(cfg: TokenizeConfig, normalized: stage.Manifest, workdir: str, base
     if cfg.tokenizer_from and not base:
         raise ValueError(f"tokenize.tokenizer_from is {cfg.tokenizer_from}: pass base=init_base(...) for it")
     key_cfg = cfg.model_dump(mode="json") | ({"base": base} if base else {})
+    code = CODE + (("tasks.tokens.compare",) if cfg.compare_vocab_sizes else ())  # its source counts when it runs
     m = stage.run_stage("tokenize", key_cfg, [normalized], workdir,
-                        lambda out, key: build(cfg, stage.shards(normalized.folder), out, base, workdir), CODE)
+                        lambda out, key: build(cfg, stage.shards(normalized.folder), out, base, workdir), code)
     publish_counts("tokenize", m)
     publish_tokens(m)
+    if m.stats.get("vocab_compare"):
+        compare.publish(m.stats["vocab_compare"])
     return m
 
 
