@@ -33,6 +33,7 @@ import model.config
 import model.kernels
 import model.train
 from model.checkpoint import file_sha256
+from model.diagram import draw as draw_model
 from model.generate import CONFIG, TOKENIZER, WEIGHTS
 from tasks import stage
 from tasks.models import registry, tracking
@@ -351,6 +352,10 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
                              **tracking.prefect_tags(), **{f"forja.stage.{s}": k for s, k in tokens.inputs.items()}})
         if tokens.path("tokens.html").exists():
             mlflow.log_artifact(str(tokens.path("tokens.html")), "tokenizer")
+        # A picture of the network, drawn from its config (model.diagram), beside the run's curves.
+        draw_model(model.config.ModelConfig(**spec.model), out / "model.png",
+                   f"forja {model_name or cfg.preset} ({cfg.preset})")
+        mlflow.log_artifact(str(out / "model.png"))
         run_training(launch_command(cfg, out / "spec.json"), child_env(run.info.run_id, cfg), cfg.max_steps)
         if (out / "samples.txt").exists():
             mlflow.log_artifact(str(out / "samples.txt"))
