@@ -139,14 +139,16 @@ def compare(cfg, documents: list[Path], out: Path, chosen: Tokenizer) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The comparison as a markdown table, the chosen size marked."""
+    """The comparison as a markdown table, the chosen size marked ("trained to": the size the BPE reached,
+    smaller than asked when the sample has too few distinct pairs to merge)."""
     n = result["split_tokens"]
     lines = [f"# Vocabulary sizes on {result['val_bytes']:,} bytes of validation text", "",
-             f"| vocabulary | bytes/token | vocabulary used | words split into > {n} tokens |", "|---|---|---|---|"]
+             f"| vocabulary | trained to | bytes/token | vocabulary used | words split into > {n} tokens |",
+             "|---|---|---|---|---|"]
     for r in result["sizes"]:
         mark = " **(chosen)**" if r["chosen"] else ""
-        lines.append(f"| {r['requested']:,}{mark} | {r['bytes_per_token']:.3f} | {r['vocab_used_fraction']:.1%} | "
-                     f"{r['fragmented_words']:.2%} |")
+        lines.append(f"| {r['requested']:,}{mark} | {r['vocab_size']:,} | {r['bytes_per_token']:.3f} | "
+                     f"{r['vocab_used_fraction']:.1%} | {r['fragmented_words']:.2%} |")
     return "\n".join(lines) + "\n"
 
 
