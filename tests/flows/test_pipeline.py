@@ -113,6 +113,7 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(runs, client):
     assert any(n.startswith("system/") for n in names)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert "samples/step-000003.txt" in artifacts and "samples/step-000006.txt" in artifacts
+    assert "model.png" in {a.path for a in client.list_artifacts(run.info.run_id)}  # the model's diagram
     loaded = mlflow.pyfunc.load_model("models:/forja-test/1")
     out = loaded.predict(pd.DataFrame({"prompt": ["O Linux", "A rede"]}), params={"max_new_tokens": 5})
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
