@@ -6,7 +6,6 @@ answers from the new version without a restart."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.fixtures.serving import serve_env
+from tests.fixtures.serving import serve_env, serving
 from tests.ui.browser import chrome, wait
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,22 +84,10 @@ def test_ratings_in_the_chat_page_become_a_fine_tune_that_the_server_then_answer
     config.write_text(yaml.safe_dump(tree, allow_unicode=True))
 
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "flows.cli", "serve", f"models:/{name}@champion", "--config", str(config),
            "--set", "serve.refresh_s=0.5", "--port", str(port), "--device", "cpu", "--workdir", str(workdir)]
-    server = subprocess.Popen(cmd, cwd=ROOT, env=serve_env(OMP_NUM_THREADS="1"), stdout=open(log, "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+    with serving(cmd, port, serve_env(OMP_NUM_THREADS="1"), log, timeout=120, ready="/v1/models") as url:
         assert chat_version(url) == f"{name}/{parent.version}"
 
         with chrome() as driver:
@@ -128,6 +115,3 @@ def test_ratings_in_the_chat_page_become_a_fine_tune_that_the_server_then_answer
         while (seen := chat_version(url)) != f"{name}/{version.version}":
             assert time.time() < deadline, f"the server still answers with {seen}\n" + log.read_text()[-3000:]
             time.sleep(0.5)
-    finally:
-        server.terminate()
-        server.wait(30)
