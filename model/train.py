@@ -467,6 +467,25 @@ def watch_parent(interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="forja-parent-watchdog", daemon=True).start()
 
 
+SHM = Path("/dev/shm")
+
+
+def drop_shm_buffers(port: int | None, root: Path = SHM) -> list[Path]:
+    """Remove the shared-memory buffers DeepSpeed's CPU collectives made for the run on `port`
+    (deepspeed_allreduce_buffer_<rank>_<addr>_<port>[_<n>], one set per rank on this machine).
+    DeepSpeed never unlinks them, and /dev/shm is memory: a few hundred runs filled 17 GB of it
+    here. Removing a name another rank still maps is harmless: the memory goes when the last one unmaps it."""
+    if port is None:
+        return []
+    gone = []
+    for f in root.glob("deepspeed_allreduce_buffer_*"):
+        parts = f.name.split("_")
+        if str(port) in parts[-2:]:
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -476,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     watch_parent()
     spec = TrainSpec(**json.loads(Path(argv[0]).read_text()))
     train(spec)
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("MASTER_PORT"):
+        drop_shm_buffers(int(os.environ["MASTER_PORT"]))  # this machine's, after a run that ended well
     return 0
 
 

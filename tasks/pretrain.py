@@ -157,9 +157,17 @@ def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretra
                     bar.update(line)
     except BaseException:  # a task timeout, a cancelled run, Ctrl-C: leave no rank training behind
         stop_group(proc)
+        model.train.drop_shm_buffers(master_port(cmd))
         raise
-    if proc.wait():
+    proc.wait()
+    model.train.drop_shm_buffers(master_port(cmd))
+    if proc.returncode:
         raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
+
+
+def master_port(cmd: list[str]) -> int | None:
+    """The --master_port of a launcher command line."""
+    return int(cmd[cmd.index("--master_port") + 1]) if "--master_port" in cmd else None
 
 
 def die_with_parent():

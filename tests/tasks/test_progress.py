@@ -50,3 +50,20 @@ def test_an_interrupted_training_leaves_no_process_behind(tmp_path):
         except ProcessLookupError:
             alive = False
         assert not alive, f"process {pid} still running after the training was interrupted"
+
+
+def test_a_finished_run_leaves_no_deepspeed_buffer_of_its_port_in_shared_memory(tmp_path):
+    from model.train import drop_shm_buffers
+    from tasks.pretrain import master_port
+
+    names = ["deepspeed_allreduce_buffer_0_127.0.0.1_33037_0", "deepspeed_allreduce_buffer_1_127.0.0.1_33037_0",
+             "deepspeed_allreduce_buffer_0_127.0.0.1_33037",  # this run's (two ranks, either naming)
+             "deepspeed_allreduce_buffer_0_127.0.0.1_3303_0",  # other runs' (a port that is a prefix of it)
+             "deepspeed_allreduce_buffer_0_127.0.0.1_43037_0", "PostgreSQL.1234"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", "33037", "--module", "model.train"]
+    assert master_port(cmd) == 33037
+    gone = drop_shm_buffers(master_port(cmd), tmp_path)
+    assert sorted(p.name for p in gone) == sorted(names[:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
