@@ -38,6 +38,16 @@ def prepare_env(workdir: Path) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "forja" / "torch_extensions"))
 
 
+def config_command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand that runs a flow on CONFIG: --set overrides, --workdir, --wait."""
+    cmd = sub.add_parser(name, help=help, description=description)
+    cmd.add_argument("config")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    cmd.add_argument("--workdir", default=None)
+    cmd.add_argument("--wait", action="store_true", help="wait for a run holding the work directory")
+    return cmd
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="forja", description="Train your own language model: crawl, dedupe, normalize, tokenize, "
@@ -66,22 +76,14 @@ def parser() -> argparse.ArgumentParser:
                          help="where the data stages' units of work run: local (processes on this machine, the "
                          "default), dask (a Dask cluster on this machine for this run) or tcp://HOST:PORT (an "
                          "existing Dask scheduler); default $FORJA_RUNNER, else local")
-    ft = sub.add_parser("finetune", help="fine-tune a registered model on conversations (the config's finetune section)",
-                        description="Run the fine-tuning flow: finetune.base_model on finetune.data through the "
-                        "chat template, then its suites before and after, then register and gate the result.")
-    ft.add_argument("config")
-    ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ft.add_argument("--workdir", default=None)
-    ft.add_argument("--wait", action="store_true", help="wait for a run holding the work directory")
-    fb = sub.add_parser("feedback", help="fine-tune the served model on its users' rated answers (weekly)",
-                        description="Run the feedback flow: the consented feedback since the last snapshot "
-                        "(decontaminated against the suites), a fine-tune of feedback.alias of the chat model on "
-                        "it plus finetune.data, its suites and held-out feedback before and after, register and "
-                        "gate. Skips, saying so, below feedback.min_records new conversations.")
-    fb.add_argument("config")
-    fb.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    fb.add_argument("--workdir", default=None)
-    fb.add_argument("--wait", action="store_true", help="wait for a run holding the work directory")
+    config_command(sub, "finetune", "fine-tune a registered model on conversations (the config's finetune section)",
+                   "Run the fine-tuning flow: finetune.base_model on finetune.data through the chat template, then "
+                   "its suites before and after, then register and gate the result.")
+    config_command(sub, "feedback", "fine-tune the served model on its users' rated answers (weekly)",
+                   "Run the feedback flow: the consented feedback since the last snapshot (decontaminated against "
+                   "the suites), a fine-tune of feedback.alias of the chat model on it plus finetune.data, its suites "
+                   "and held-out feedback before and after, register and gate. Skips, saying so, below "
+                   "feedback.min_records new conversations.")
     sv = sub.add_parser("serve", help="serve a registered model: OpenAI-compatible API, chat page, feedback",
                         description="Serve MODEL_URI over HTTP: /v1/chat/completions, /v1/completions (stream: "
                         "true for server-sent events), /v1/models, /v1/feedback, and a chat page at /. An @ALIAS "

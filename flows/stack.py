@@ -257,8 +257,8 @@ def server_url(settings: Settings) -> str:
     return f"postgresql://{PG_USER}:{pg_password(settings)}@127.0.0.1:{settings.pg_port}"
 
 
-def pg_create_databases(settings: Settings, deadline: float) -> None:
-    """Wait for the server, then create the `prefect` and `mlflow` databases when missing."""
+def pg_create_databases(settings: Settings, deadline: float, names: tuple[str, ...] = DATABASES) -> None:
+    """Wait for the server, then create the databases `names` (the stack's: `prefect` and `mlflow`) when missing."""
     import psycopg2
 
     maintenance = urlsplit(settings.database_url).path.lstrip("/") if settings.database_url else "postgres"
@@ -276,7 +276,7 @@ def pg_create_databases(settings: Settings, deadline: float) -> None:
     conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
     try:
         with conn.cursor() as cur:
-            for name in DATABASES:
+            for name in names:
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                 if cur.fetchone() is None:
                     cur.execute(f'CREATE DATABASE "{name}"')
