@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import from_preset  # noqa: E402
-from model.device import resolve  # noqa: E402
+from model.device import from_option  # noqa: E402
 from model.generate import Sampling, generate, load_folder  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 
@@ -57,10 +57,7 @@ def main() -> None:
                     help="auto (CUDA in bf16 when present, else the CPU), cpu, cuda or cuda:N")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        where = resolve(args.device)
-    except ValueError as e:
-        raise SystemExit(f"--device: {e}") from None
+    where = from_option(args.device)
     device = str(where)
     print(f"device: {device}")
     if args.model:

@@ -119,15 +119,12 @@ def main() -> None:
 
     import torch
 
-    from model.device import resolve
+    from model.device import from_option
     from model.server import build_app, serve_in_thread
     from tasks.config import ServeConfig
 
     torch.set_num_threads(args.threads)
-    try:
-        placement = resolve(args.device)
-    except ValueError as e:
-        raise SystemExit(f"--device: {e}") from None
+    placement = from_option(args.device)
     print(f"device: {placement}", flush=True)
     with tempfile.TemporaryDirectory(prefix="forja-bench-serve-") as tmp:
         workdir = args.workdir or tmp

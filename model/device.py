@@ -61,3 +61,12 @@ def resolve(setting: str | None = "auto", *, cuda_available: bool | None = None,
                              f"use device: auto or cpu")
         return Placement(setting, "bfloat16" if bf16_supported else "float32")
     raise ValueError(f"device {setting!r} is not one forja knows: use {CHOICES}")
+
+
+def from_option(setting: str) -> Placement:
+    """resolve() for a command's --device option: a value this machine cannot honour ends the
+    command with the reason (benchmarks/generate.py and benchmarks/serve.py)."""
+    try:
+        return resolve(setting)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
