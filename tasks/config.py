@@ -187,6 +187,11 @@ class PretrainConfig(Section):
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw: AdamW on every weight; muon: Muon (orthogonalised momentum) on the blocks' 2-D "
+        "weight matrices, AdamW at lr on the embedding, norms and output head")
+    muon_lr: float = Field(0.02, gt=0, description="optimizer muon: the learning rate of the Muon half")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="optimizer muon: Muon's momentum")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
