@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Literal
 
 from prefect import flow
@@ -32,6 +33,7 @@ def finetune(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         if_busy: when another run holds the work directory: `wait` for it, or `fail` at once.
     """
     forward_logs()
+    started = time.time()
     cfg = load_config(config_path, overrides or [])
     if cfg.finetune is None:
         raise ConfigError(f"{config_path} has no finetune section (base_model, data, ...)")
@@ -47,7 +49,8 @@ def finetune(config_path: str = "configs/demo.yaml", overrides: list[str] | None
                               gate_metric=ft.gate_metric, gate_direction=ft.gate_direction, gate_margin=ft.gate_margin)
         registered = with_policy(register)(gate, trained, scored, {m.stage: m.key for m in (data, trained, scored)},
                                            wd, {"forja.parent": data.stats["base_model"],
-                                                "forja.parent_uri": ft.base_model}, device=cfg.device)
+                                                "forja.parent_uri": ft.base_model}, device=cfg.device,
+                                           run_started=started)
     return {
         "workdir": wd, "base_model": data.stats["base_model"], "comparison": scored.stats["comparison"],
         "model_uri": registered.stats["model_uri"], "model_version": registered.stats["version"],

@@ -123,7 +123,8 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
                                           device=cfg.device)
         lineage = {m.stage: m.key for m in (crawled, deduped, normalized, tokens, trained, evaluated)}
         registered = with_policy(register)(cfg.register, trained, evaluated, lineage, wd,
-                                           trained.stats.get("version_tags") or None, device=cfg.device)
+                                           trained.stats.get("version_tags") or None, device=cfg.device,
+                                           run_started=started)
     summarize([crawled, deduped, normalized, tokens, trained, evaluated, registered], started)
     return {
         "workdir": wd,
@@ -140,7 +141,8 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
 
 def summarize(manifests: list, started: float) -> list[str]:
     """Say which stages this run rebuilt and which it reused (made before it started: a Prefect
-    cache hit or a finished stage folder), in the log and as a table on the flow run."""
+    cache hit or a finished stage folder), in the log and as a table on the flow run, with what
+    each cost when it was made (tasks.cost)."""
     rebuilt = [m.stage for m in manifests if m.created_at >= started]
     if not rebuilt:
         log.info("pipeline: all %d stages were cache hits: nothing changed since the last run", len(manifests))
@@ -152,6 +154,7 @@ def summarize(manifests: list, started: float) -> list[str]:
 
         create_table_artifact(key="pipeline-stages", description="Stages rebuilt or reused by this run",
                               table=[{"stage": m.stage, "key": m.key, "rebuilt": m.stage in rebuilt,
+                                      **{k: m.cost.get(k) for k in ("wall_s", "cpu_s", "peak_rss_mb")},
                                       "folder": m.folder} for m in manifests])
     except Exception as e:  # a view, never a failure
         log.warning("could not publish the stage table: %s", e)

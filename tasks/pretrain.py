@@ -364,7 +364,9 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
         draw_model(model.config.ModelConfig(**spec.model), out / "model.png",
                    f"forja {model_name or cfg.preset} ({cfg.preset})")
         mlflow.log_artifact(str(out / "model.png"))
+        trained_at = time.monotonic()
         run_training(launch_command(cfg, out / "spec.json"), child_env(run.info.run_id, cfg), cfg.max_steps)
+        training_s = time.monotonic() - trained_at
         if (out / "samples.txt").exists():
             mlflow.log_artifact(str(out / "samples.txt"))
         loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
@@ -372,7 +374,22 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
         mlflow.log_artifact(str(out / "metrics.jsonl"))
     summary = json.loads((out / "train_summary.json").read_text())
     return {**summary, "mlflow_run_id": run.info.run_id, "mlflow_experiment_id": exp_id, "model": spec.model,
-            "init_from": base if cfg.init_from else None, "version_tags": lineage}
+            "init_from": base if cfg.init_from else None, "version_tags": lineage,
+            "cost": training_cost(summary, out / "metrics.jsonl", training_s, cfg)}
+
+
+def training_cost(summary: dict, metrics_file: Path, training_s: float, cfg: PretrainConfig) -> dict:
+    """Training's own figures for the stage's cost (tasks.cost): tokens trained, tokens per second
+    of the training loop, the median MFU its log intervals measured and, on GPUs, GPU-seconds
+    (the launcher's wall time times the GPUs it held). A resumed run counts the steps it ran."""
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+    mfu = sorted(r["mfu"] for r in rows if r.get("step", 0) > summary.get("resumed_from", 0) and "mfu" in r)
+    cost = {"tokens": int(summary["tokens"]),
+            "tokens_per_s": round(summary["tokens"] / summary["seconds"], 1) if summary.get("seconds") else None,
+            "mfu": round(mfu[len(mfu) // 2], 5) if mfu else None, "resumed_from_step": summary.get("resumed_from", 0)}
+    if model.train.device_and_dtype()[0] == "cuda":
+        cost["gpu_s"] = round(training_s * summary.get("world_size", cfg.num_gpus), 1)
+    return cost
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).

@@ -20,7 +20,7 @@ import model.serving
 from model.checkpoint import disk_full, file_sha256
 from model.faults import fault_point
 from model.generate import WEIGHTS
-from tasks import stage
+from tasks import cost, stage
 from tasks.models import registry, tracking
 from tasks.config import RegisterConfig
 from tasks.reports import publish_counts
@@ -143,15 +143,43 @@ def register_version(cfg: RegisterConfig, trained: stage.Manifest, run_id: str, 
     return mv, False
 
 
+def model_cost(lineage: dict[str, str], workdir: str, run_started: float | None) -> list[dict]:
+    """The cost table (tasks.cost) of the stages that made this model, read from their manifests:
+    a stage made before run_started (the flow run's start) is marked reused."""
+    rows = []
+    for name, key in lineage.items():
+        m = stage.read_manifest(stage.stage_dir(workdir, name, key))
+        if m is not None:
+            rows.append(cost.stage_row(name, m.cost, run_started is not None and m.created_at < run_started))
+    return rows
+
+
+def publish_cost(rows: list[dict], title: str, run_id: str) -> None:
+    """The cost table in the training run (cost/cost.md and a table, cost/cost.json) and in the
+    Prefect run (a markdown and a table artifact)."""
+    md = cost.markdown(rows, title)
+    client = mlflow.MlflowClient()
+    client.log_text(run_id, md, "cost/cost.md")
+    client.log_table(run_id, {k: [r.get(k) for r in rows] for k in rows[0]}, "cost/cost.json")
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        create_markdown_artifact(key="model-cost", markdown=md, description=title)
+        create_table_artifact(key="model-cost-table", table=rows, description=title)
+    except Exception as e:  # a view, never a failure
+        log.warning("could not publish the cost artifacts: %s", e)
+
+
 def build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
-          workdir: str, out: Path, extra_tags: dict[str, str] | None = None, device: str = "auto") -> dict:
+          workdir: str, out: Path, extra_tags: dict[str, str] | None = None, device: str = "auto",
+          run_started: float | None = None) -> dict:
     metrics = {k: float(v) for k, v in evaluated.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if cfg.gate_metric not in metrics:
         raise ValueError(f"register.gate_metric {cfg.gate_metric!r} is not an evaluate metric; "
                          f"choose one of {sorted(metrics)}")
     uri = tracking.tracking_uri(workdir)
     try:
-        return _build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, metrics, device)
+        return _build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, metrics, device, run_started)
     except (MlflowException, requests.RequestException, OSError) as e:
         if store_full(e, workdir):
             raise stage.StageDiskFull(
@@ -179,13 +207,15 @@ def store_full(exc: BaseException, workdir: str) -> bool:
 
 def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
            workdir: str, out: Path, extra_tags: dict[str, str] | None, metrics: dict[str, float],
-           device: str = "auto") -> dict:
+           device: str = "auto", run_started: float | None = None) -> dict:
     tracking.setup(workdir, cfg.experiment)
     client = mlflow.MlflowClient()
     run_id = trained.stats["mlflow_run_id"]
     weights_sha256 = file_sha256(trained.path(WEIGHTS))
+    costs = model_cost(lineage, workdir, run_started)
     tags = {**{f"forja.stage.{s}": k for s, k in lineage.items()}, "prefect.flow_run_id": tracking.prefect_flow_run_id(),
-            "mlflow.run_id": run_id, "weights_sha256": weights_sha256, **(extra_tags or {})}
+            "mlflow.run_id": run_id, "weights_sha256": weights_sha256, **cost.version_tags(costs),
+            **(extra_tags or {})}
     tags = {k: str(v) for k, v in tags.items()}
     with registry.registry_lock(workdir, cfg.model_name):
         mv, reused = register_version(cfg, trained, run_id, weights_sha256, tags)
@@ -196,6 +226,9 @@ def _build(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manife
         fault_point("register:candidate-alias")
         decision = registry.gate(client, cfg.model_name, mv.version, cfg.gate_metric, cfg.gate_direction,
                                  cfg.gate_margin, rescorer(evaluated, cfg.gate_metric, workdir, device))
+    if costs:
+        publish_cost(costs, f"What {cfg.model_name} version {mv.version} cost", run_id)
+        (out / "cost.md").write_text(cost.markdown(costs, f"What {cfg.model_name} version {mv.version} cost"))
     log.info("register: %s version %s (%s=%.4f); champion %s", cfg.model_name, mv.version, cfg.gate_metric,
              metrics[cfg.gate_metric], f"moved from {decision['previous_champion']}" if decision["promoted"]
              else f"stays on {decision['previous_champion']} ({decision['champion_value']:.4f})")
@@ -211,12 +244,16 @@ CODE = ("tasks.register", "tasks.models.registry", "model.serving")
 
 @task(name="register", **stage.task_options(*CODE))
 def register(cfg: RegisterConfig, trained: stage.Manifest, evaluated: stage.Manifest, lineage: dict[str, str],
-             workdir: str, extra_tags: dict[str, str] | None = None, device: str = "auto") -> stage.Manifest:
+             workdir: str, extra_tags: dict[str, str] | None = None, device: str = "auto",
+             run_started: float | None = None) -> stage.Manifest:
     """Register the trained, evaluated model in MLflow and move its aliases. device (the config's
     top-level `device`) is where the gate re-scores a champion measured on another suite file; it
-    is not part of the key: a champion scored on another machine gives the same result."""
+    is not part of the key: a champion scored on another machine gives the same result.
+    run_started (the flow's start, time.time()) marks the stages made before it as reused in the
+    version's cost; not part of the key either."""
     m = stage.run_stage("register", cfg, [trained, evaluated], workdir,
-                        lambda out, key: build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, device),
+                        lambda out, key: build(cfg, trained, evaluated, lineage, workdir, out, extra_tags, device,
+                                               run_started),
                         CODE)
     publish_counts("register", m)
     return m

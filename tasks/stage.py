@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 # One file digest for stage manifests and checkpoints (model.checkpoint imports no torch at load).
 from model.checkpoint import file_sha256 as sha256_file
 from model.faults import fault_point
+from tasks.cost import Meter
 
 log = logging.getLogger("forja.stage")
 MANIFEST = "manifest.json"
@@ -57,6 +58,10 @@ class Manifest(BaseModel):
     created_at: float
     files: list[FileEntry]
     stats: dict[str, Any]
+    # What building it took (tasks.cost: wall_s, cpu_s, peak_rss_mb, and a stage's own figures such as
+    # training's tokens and MFU); kept with the folder, so a cache hit still says what it cost. Empty in
+    # folders made before forja measured.
+    cost: dict[str, Any] = {}
 
     def path(self, name: str) -> Path:
         return Path(self.folder) / name
@@ -224,7 +229,8 @@ def run_stage(
 ) -> Manifest:
     """Return the finished folder's manifest, or build it in a temp folder and rename it.
 
-    build(tmp_folder, key) writes the stage's files and returns its stats. A finished folder
+    build(tmp_folder, key) writes the stage's files and returns its stats (a "cost" entry in them
+    joins the measured cost: see tasks.cost). A finished folder
     is trusted only when its files still match its manifest (damage()); a damaged one, or
     one with an empty or corrupt manifest, is moved aside and rebuilt.
     """
@@ -248,7 +254,9 @@ def run_stage(
     tmp = final.parent / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        stats = build(tmp, key)
+        with Meter() as meter:
+            stats = build(tmp, key)
+        cost = {**meter.result(), **(stats.pop("cost", None) or {})}  # a build may add its own figures
         fault_point(f"stage:{stage}:built")
         _drop_partials(tmp)
         files = [
@@ -258,7 +266,7 @@ def run_stage(
         ]
         manifest = Manifest(
             stage=stage, key=key, folder=str(final.resolve()), inputs=lineage, config=cfg,
-            code_version=version, created_at=time.time(), files=files, stats=stats,
+            code_version=version, created_at=time.time(), files=files, stats=stats, cost=cost,
         )
         # The folder is written absolute for readers that parse manifest.json themselves; every
         # stage reader (read_manifest) takes it from where the file lies, and Prefect's record of
@@ -329,14 +337,18 @@ def _portable(value: Any, workdir: str) -> Any:
     return value
 
 
+NOT_KEYED = ("workdir", "device", "run_started")  # task inputs that never enter a cache key
+
+
 @dataclass
 class StageInputs(CachePolicy):
     """The task's inputs, hashed without the absolute work directory (see _portable)."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         workdir = str(inputs.get("workdir") or "")
-        # where it ran (the work directory, the device) is never part of what a stage computes
-        kept = {k: _portable(v, workdir) for k, v in (inputs or {}).items() if k not in ("workdir", "device")}
+        # where and when it ran (the work directory, the device, the flow's start) is never part of
+        # what a stage computes
+        kept = {k: _portable(v, workdir) for k, v in (inputs or {}).items() if k not in NOT_KEYED}
         return hash_objects(kept, raise_on_failure=True)
 
 

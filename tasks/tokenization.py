@@ -107,6 +107,7 @@ def build(cfg: TokenizeConfig, documents: list[Path], out: Path, base: dict | No
         "tokens": {s: int(rows[s] * cfg.seq_len) for s in SPLITS},
         **vocabulary_report(vocab, stats["documents"]["val"], stats["val_bytes"], stats["val_tokens"], stats["used"]),
         "tokenizer_from": base, **extra,
+        "cost": {"tokens": int(sum(rows[s] for s in SPLITS) * cfg.seq_len)},  # tokens written (tasks.cost)
     }
 
 

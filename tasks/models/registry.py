@@ -297,8 +297,23 @@ def find_by_weights(client: mlflow.MlflowClient, name: str, weights_sha256: str)
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def version_cost(tags: dict[str, str]) -> dict:
+    """What a version cost (its forja.cost.* tags, tasks.cost): totals and training's throughput as
+    numbers, each stage as its line of words."""
+    out: dict = {}
+    for k, v in tags.items():
+        if k.startswith("forja.cost.stage."):
+            out.setdefault("stages", {})[k[len("forja.cost.stage."):]] = v
+        elif k.startswith("forja.cost."):
+            try:
+                out[k[len("forja.cost."):]] = float(v)
+            except ValueError:
+                out[k[len("forja.cost."):]] = v
+    return out
+
+
 def describe(client: mlflow.MlflowClient, name: str, write: bool = True) -> list[dict]:
-    """The versions of a registered model with their aliases and metric tags (the champion
+    """The versions of a registered model with their aliases, metric tags and cost (the champion
     history reconciled first, stored when write)."""
     reconcile(client, name, write)
     aliases = client.get_registered_model(name).aliases  # {alias: version}
@@ -306,6 +321,7 @@ def describe(client: mlflow.MlflowClient, name: str, write: bool = True) -> list
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         rows.append({"version": int(v.version),
                      "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
-                     **{k[7:]: float(x) for k, x in v.tags.items() if k.startswith("metric.")}})
+                     **{k[7:]: float(x) for k, x in v.tags.items() if k.startswith("metric.")},
+                     **({"cost": cost} if (cost := version_cost(v.tags)) else {})})
     return rows
 

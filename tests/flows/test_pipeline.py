@@ -124,6 +124,32 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(runs, client):
     assert all(states[s] == "Completed" for s in STAGES[1:])
 
 
+def test_each_version_carries_its_cost_stage_by_stage_with_the_reused_stages_marked(runs, client):
+    from tasks.models import registry
+
+    v1, v2 = (client.get_model_version("forja-test", v) for v in ("1", "2"))
+    for v in (v1, v2):
+        assert {f"forja.cost.stage.{s}" for s in STAGES[:-1]} <= set(v.tags)
+        assert float(v.tags["forja.cost.cpu_s"]) > 0 and float(v.tags["forja.cost.peak_rss_mb"]) > 100
+        assert float(v.tags["forja.cost.train_tokens"]) == 6 * 4 * 32  # steps x micro batch x seq_len
+        assert float(v.tags["forja.cost.train_tokens_per_s"]) > 0 and 0 < float(v.tags["forja.cost.train_mfu"]) < 1
+        assert "cost/cost.md" in {a.path for a in client.list_artifacts(v.run_id, "cost")}
+    # training's CPU is its ranks' (grandchildren of the flow): the stage's CPU-seconds must include them
+    pretrain = runs.states[0].result()["stages"]["pretrain"]
+    from tasks.stage import read_manifest
+
+    m = read_manifest(pretrain)
+    assert m.cost["cpu_s"] > 0.5 * m.cost["wall_s"] and m.cost["tokens"] == 6 * 4 * 32
+    # the first run made every stage; the third reused the crawl and rebuilt the rest
+    assert not any(t.endswith("(reused)") for k, t in v1.tags.items() if k.startswith("forja.cost.stage."))
+    assert v2.tags["forja.cost.stage.crawl"].endswith("(reused)")
+    assert not v2.tags["forja.cost.stage.dedupe"].endswith("(reused)")
+    assert float(v2.tags["forja.cost.rebuilt_cpu_s"]) < float(v2.tags["forja.cost.cpu_s"])
+    # `forja models NAME` shows the cost beside the metrics
+    rows = {r["version"]: r for r in registry.describe(client, "forja-test", write=False)}
+    assert rows[1]["cost"]["cpu_s"] == float(v1.tags["forja.cost.cpu_s"]) and "pretrain" in rows[1]["cost"]["stages"]
+
+
 def test_versions_carry_suite_metrics_lineage_and_weights_digest_and_the_gate_picks_the_champion(runs, client):
     from prefect.client.orchestration import get_client
 
