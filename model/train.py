@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import checkpoint, kernels, monitor
+from model import checkpoint, kernels, monitor, optim
 from model.faults import fault_point
 from model.config import ModelConfig
 from model.data import Batches, eval_batches, open_mask, open_rows
@@ -123,7 +123,8 @@ def ensure_dist_env() -> None:
 
 
 def build_engine(model: GPT, spec: TrainSpec):
-    """Wrap model in a DeepSpeed engine with AdamW, warmup-cosine LR and clipping."""
+    """Wrap model in a DeepSpeed engine with AdamW (or Muon plus AdamW, model/optim.py), the
+    warmup-cosine or wsd LR schedule and clipping."""
     # DeepSpeed picks its accelerator at import; say it rather than let it guess.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     kernels.own_build_tools()  # DeepSpeed builds its communication op with the same ninja as the kernels
@@ -133,6 +134,19 @@ def build_engine(model: GPT, spec: TrainSpec):
     device, dtype = device_and_dtype()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    schedule = lambda s: lr_factor(  # noqa: E731
+        s, spec.warmup_steps, spec.max_steps, spec.min_lr_ratio, spec.schedule, spec.decay_fraction)
+    if spec.optimizer == "muon":
+        if why := optim.refusal(spec.optimizer, spec.zero_stage, spec.lora_rank, spec.grad_clip):
+            raise ValueError(why)
+        # DeepSpeed builds Muon from its config; the schedule scales every group, so both halves.
+        engine, _, _, _ = deepspeed.initialize(
+            model=model.to(device), model_parameters=optim.param_groups(model, spec.weight_decay),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=deepspeed_config(spec, dtype))
+        optim.check_halves(engine.module)
+        checkpoint.use_safe_loading(engine)
+        return engine, device
     trained = [p for p in model.parameters() if p.requires_grad]  # LoRA freezes the base weights
     decay = [p for p in trained if p.dim() >= 2]
     no_decay = [p for p in trained if p.dim() < 2]
@@ -140,8 +154,7 @@ def build_engine(model: GPT, spec: TrainSpec):
               if g["params"]]  # DeepSpeed drops empty groups (LoRA leaves no trainable norm weights)
     # fused: one kernel over all parameters (CUDA, and fp32/bf16 on a CPU: ~4x faster than foreach here)
     opt = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), fused=device in ("cuda", "cpu"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-        s, spec.warmup_steps, spec.max_steps, spec.min_lr_ratio, spec.schedule, spec.decay_fraction))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     engine, opt, _, sched = deepspeed.initialize(
         model=model.to(device), optimizer=opt, lr_scheduler=sched, config=deepspeed_config(spec, dtype)
     )
@@ -150,8 +163,8 @@ def build_engine(model: GPT, spec: TrainSpec):
 
 
 def deepspeed_config(spec: TrainSpec, dtype: torch.dtype) -> dict:
-    """DeepSpeed's JSON config, from forja's pretrain settings."""
-    return {
+    """DeepSpeed's JSON config, from forja's pretrain settings (with Muon, its optimizer too)."""
+    config = {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.grad_accum_steps,
         "gradient_clipping": spec.grad_clip,
@@ -160,6 +173,11 @@ def deepspeed_config(spec: TrainSpec, dtype: torch.dtype) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if spec.optimizer == "muon":
+        config["optimizer"] = optim.optimizer_config(spec.lr, spec.betas, spec.muon_lr, spec.muon_momentum)
+        if spec.zero_stage == 3:  # DeepSpeed's ZeRO-3 Muon gathers whole gradients itself
+            config["zero_optimization"]["reduce_scatter"] = False
+    return config
 
 
 @torch.no_grad()
@@ -244,19 +262,31 @@ def run_fingerprint(spec: TrainSpec, world: int) -> dict:
           "seed": spec.seed, "zero_stage": spec.zero_stage}
     if spec.init_from or spec.lora_rank:  # not in a pretraining fingerprint: its checkpoints still resume
         fp |= {"init_from": spec.init_from, "lora_rank": spec.lora_rank}
+    if spec.optimizer != "adamw":  # AdamW's checkpoints keep their fingerprint; Muon's state does not load there
+        fp["optimizer"] = spec.optimizer
     return fp
+
+
+def memory_estimate(cfg: ModelConfig, spec: TrainSpec, dtype: torch.dtype, world: int) -> dict:
+    """monitor.memory_estimate for this run's optimizer: Muon keeps one momentum buffer on the
+    blocks' matrices where AdamW keeps two moments."""
+    est = monitor.memory_estimate(cfg, spec.micro_batch_size, spec.zero_stage, world, dtype != torch.float32)
+    if spec.optimizer == "muon":
+        saved = optim.muon_saving_bytes(cfg, spec.zero_stage, world)
+        est = est | {"states_bytes": est["states_bytes"] - saved, "total_bytes": est["total_bytes"] - saved}
+    return est
 
 
 def check_memory(cfg: ModelConfig, spec: TrainSpec, device: str, dtype: torch.dtype, world: int, preset: str) -> None:
     """Fail before training when the model cannot fit, with the estimate and what to change."""
-    est = monitor.memory_estimate(cfg, spec.micro_batch_size, spec.zero_stage, world, dtype != torch.float32)
+    est = memory_estimate(cfg, spec, dtype, world)
     have = monitor.device_memory(device)
     if est["total_bytes"] > 0.9 * have:
         gib = 2**30
         raise MemoryError(
             f"{preset} ({est['params'] / 1e6:.0f}M parameters) needs about {est['total_bytes'] / gib:.1f} GiB per "
-            f"rank on {device} (weights, gradients and AdamW state {est['states_bytes'] / gib:.1f} GiB with ZeRO stage "
-            f"{spec.zero_stage} over {world} rank(s), activations {est['activation_bytes'] / gib:.1f} GiB at micro-batch "
+            f"rank on {device} (weights, gradients and {spec.optimizer} state {est['states_bytes'] / gib:.1f} GiB "
+            f"with ZeRO stage {spec.zero_stage} over {world} rank(s), activations {est['activation_bytes'] / gib:.1f} GiB at micro-batch "
             f"{spec.micro_batch_size}) but {have / gib:.1f} GiB is available. Choose a smaller pretrain.preset, raise "
             "pretrain.zero_stage and the number of GPUs, or lower pretrain.micro_batch_size (raising "
             "grad_accum_steps to keep the batch)")
@@ -264,6 +294,8 @@ def check_memory(cfg: ModelConfig, spec: TrainSpec, device: str, dtype: torch.dt
 
 def train(spec: TrainSpec) -> dict:
     """Train to spec.max_steps, resuming from the newest complete checkpoint; returns a summary."""
+    if why := optim.refusal(spec.optimizer, spec.zero_stage, spec.lora_rank, spec.grad_clip):
+        raise ValueError(why)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
@@ -333,7 +365,7 @@ def train(spec: TrainSpec) -> dict:
                 sharded = not any(p.grad is not None for p in engine.module.parameters())  # ZeRO 2/3
                 if spec.grad_norms_every and done % spec.grad_norms_every == 0:
                     layer_norms = monitor.layer_grad_norms(engine.module)
-                lr = engine.get_lr()[0]
+                lrs = {"lr": engine.get_lr()[0], **muon_lr(engine, spec)}  # with Muon, "lr" is its AdamW half's
                 if not (math.isfinite(gnorm) and math.isfinite(loss_acc)):
                     # Stop before the optimizer applies it; keep the last good state to inspect.
                     where = (f"first non-finite output in {first_nonfinite_module(engine.module, x)}"
@@ -352,7 +384,7 @@ def train(spec: TrainSpec) -> dict:
         if done % spec.log_every == 0 or done == spec.max_steps:
             now = time.time()
             tok_s = tokens_per_step * (done - last_step) / max(now - last_t, 1e-9)
-            metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
+            metrics = {"train_loss": train_loss, **lrs, "grad_norm": gnorm, "tokens_per_s": tok_s,
                        "mfu": flops_per_step * (done - last_step) / max(now - last_t, 1e-9) / (peak * world),
                        **monitor.memory_metrics(device), **layer_norms}
             if done % spec.eval_every == 0 or done == spec.max_steps:
@@ -386,6 +418,13 @@ def train(spec: TrainSpec) -> dict:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     barrier()
     return summary
+
+
+def muon_lr(engine, spec: TrainSpec) -> dict:
+    """{"muon_lr": the Muon half's scheduled rate} when training with Muon, else {}."""
+    if spec.optimizer != "muon":
+        return {}
+    return {"muon_lr": next(g["lr"] for g in engine.basic_optimizer.param_groups if g.get("use_muon"))}
 
 
 def gathered(module: torch.nn.Module, zero_stage: int):
