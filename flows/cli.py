@@ -10,6 +10,8 @@
     forja models NAME                                 versions, aliases and metrics
     forja history NAME                                every move of champion, whoever made it
     forja export models:/NAME@ALIAS OUT_DIR [--force] the Hugging Face (Llama) form of a version
+    forja sweep CONFIG.yaml --grid KEY=V1,V2 ...     trials as child runs, compared in MLflow (flows/sweep.py)
+    forja ladder CONFIG.yaml --presets A,B,C          sizes -> a power-law fit and the next size's prediction
 
 Environment is settled before Prefect is imported: its home, results and the
 telemetry switches are read once, at import.
@@ -76,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                          help="where the data stages' units of work run: local (processes on this machine, the "
                          "default), dask (a Dask cluster on this machine for this run) or tcp://HOST:PORT (an "
                          "existing Dask scheduler); default $FORJA_RUNNER, else local")
+    from flows import cli_experiments
+
+    cli_experiments.add_parsers(sub)
     config_command(sub, "finetune", "fine-tune a registered model on conversations (the config's finetune section)",
                    "Run the fine-tuning flow: finetune.base_model on finetune.data through the chat template, then "
                    "its suites before and after, then register and gate the result.")
@@ -324,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         return batch_command(args, workdir)
     if args.command == "serve":
         return serve_command(args, workdir)
+    if args.command in ("sweep", "ladder"):
+        from flows import cli_experiments
+
+        return cli_experiments.command(args, workdir)
     if args.command not in ("run", "finetune", "data", "feedback"):
         return registry_command(args, workdir)
 

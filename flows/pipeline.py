@@ -104,39 +104,55 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         runner: where the data stages' units run: `local` (processes here), `dask` (a Dask cluster
             started for the run) or `tcp://HOST:PORT` (an existing scheduler); empty: $FORJA_RUNNER, else local.
     """
-    from tasks.evaluate import evaluate, suite_digests
-    from tasks.pretrain import pretrain
-    from tasks.register import register
-
     forward_logs()
     started = time.time()
     cfg = load_config(config_path, overrides or [])  # a bad config fails here, before any stage
     resolve(runner or None)  # so does a misspelt runner
     wd = os.path.abspath(workdir or default_workdir())
     with workdir_lock(wd, if_busy):
-        base = tokenizer_base(cfg, wd)
-        crawled, deduped, normalized, tokens = build_corpus(cfg, wd, runner or None, base)
-        trained = with_policy(pretrain)(cfg.pretrain, tokens, wd, cfg.register.experiment,
-                                        [crawled, deduped, normalized], cfg.register.model_name, base)
-        link_mlflow_run(trained.stats["mlflow_run_id"], wd, "MLflow training run")
-        evaluated = with_policy(evaluate)(cfg.evaluate, trained, tokens, wd, suite_digests(cfg.evaluate),
-                                          device=cfg.device)
-        lineage = {m.stage: m.key for m in (crawled, deduped, normalized, tokens, trained, evaluated)}
-        registered = with_policy(register)(cfg.register, trained, evaluated, lineage, wd,
-                                           trained.stats.get("version_tags") or None, device=cfg.device,
-                                           run_started=started)
-    summarize([crawled, deduped, normalized, tokens, trained, evaluated, registered], started)
+        return build_model(cfg, wd, runner or None, started)
+
+
+def build_model(cfg, wd: str, runner: str | None, started: float) -> dict:
+    """Every stage, crawl to register, for one config in a work directory the caller holds (the
+    pipeline flow, or a sweep for each of its trials). What `forja run` reports."""
+    from tasks.evaluate import evaluate, suite_digests
+    from tasks.pretrain import pretrain
+    from tasks.register import register
+
+    base = tokenizer_base(cfg, wd)
+    crawled, deduped, normalized, tokens = build_corpus(cfg, wd, runner, base)
+    trained = with_policy(pretrain)(cfg.pretrain, tokens, wd, cfg.register.experiment,
+                                    [crawled, deduped, normalized], cfg.register.model_name, base)
+    link_mlflow_run(trained.stats["mlflow_run_id"], wd, "MLflow training run")
+    evaluated = with_policy(evaluate)(cfg.evaluate, trained, tokens, wd, suite_digests(cfg.evaluate),
+                                      device=cfg.device)
+    lineage = {m.stage: m.key for m in (crawled, deduped, normalized, tokens, trained, evaluated)}
+    registered = with_policy(register)(cfg.register, trained, evaluated, lineage, wd,
+                                       trained.stats.get("version_tags") or None, device=cfg.device,
+                                       run_started=started)
+    manifests = [crawled, deduped, normalized, tokens, trained, evaluated, registered]
+    summarize(manifests, started)
     return {
         "workdir": wd,
-        "stages": {m.stage: m.folder for m in (crawled, deduped, normalized, tokens, trained, evaluated, registered)},
+        "stages": {m.stage: m.folder for m in manifests},
         "val_perplexity": evaluated.stats["val_perplexity"],
         "val_bits_per_byte": evaluated.stats["val_bits_per_byte"],
+        "metrics": {k: v for k, v in evaluated.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         "sample": evaluated.stats["samples"][0],
         "model_uri": registered.stats["model_uri"],
         "model_version": registered.stats["version"],
         "promoted": registered.stats["promoted"],
         "mlflow_run_id": trained.stats["mlflow_run_id"],
+        "training": {"params": trained.stats["params"], "model": trained.stats["model"],
+                     "tokens": trained_tokens(cfg.pretrain, trained.stats)},
     }
+
+
+def trained_tokens(pcfg, stats: dict) -> int:
+    """Tokens the model was trained on over all its steps (a resumed run's stats count only the last leg)."""
+    return int(stats["steps"] * pcfg.micro_batch_size * pcfg.grad_accum_steps * stats["world_size"]
+               * stats["model"]["block_size"])
 
 
 def summarize(manifests: list, started: float) -> list[str]:

@@ -379,7 +379,18 @@ def apply_override(tree: dict, assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {p!r} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = parse_value(raw)
+
+
+def parse_value(raw: str):
+    """A command-line value as YAML, where 1e-3 is a number too (YAML 1.1 reads it as a string)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ForjaConfig:

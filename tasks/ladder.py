@@ -88,7 +88,7 @@ class Plan:
     prediction: Prediction
 
 
-def _meta_model(cfg: ModelConfig):
+def meta_model(cfg: ModelConfig):
     """The GPT built on torch's meta device: shapes only, so a 1b preset costs no memory or time."""
     import torch
 
@@ -102,7 +102,7 @@ def training_flops(cfg: ModelConfig, tokens: int) -> float:
     """Compute of training cfg's model on `tokens` tokens: GPT.flops_per_token (already the training
     count, forward + backward = 3 x forward: 6N plus attention, the figure the training MFU uses)
     times the tokens."""
-    return float(_meta_model(cfg).flops_per_token() * tokens)
+    return float(meta_model(cfg).flops_per_token() * tokens)
 
 
 def _suggest(names: set[str], presets: dict) -> str:
@@ -112,6 +112,18 @@ def _suggest(names: set[str], presets: dict) -> str:
     start = order.index(known[-1]) + 1 if known else 0
     extra = [n for n in order[start:] + order[:start][::-1] if n not in names]
     return ",".join(sorted(known + extra[:max(MIN_SIZES - len(known), 0)], key=order.index))
+
+
+def check_presets(names: list[str], presets: dict = PRESETS) -> None:
+    """Before anything trains: the ladder's presets exist and are at least MIN_SIZES distinct sizes."""
+    unknown = [n for n in names if n not in presets]
+    if unknown:
+        raise LadderError(f"--presets: {', '.join(map(repr, unknown))} not a preset; choose from {', '.join(presets)}")
+    if len(set(names)) < MIN_SIZES:
+        raise LadderError(
+            f"cannot fit a scaling ladder to {len(set(names))} size(s) ({', '.join(names) or 'none'}): a power law "
+            f"has two parameters, so fewer than {MIN_SIZES} sizes leave no error to estimate; add --presets "
+            f"{_suggest(set(names), presets)}")
 
 
 def _check(rungs: list[Rung]) -> None:
@@ -169,7 +181,7 @@ def next_rung(rungs: list[Rung], presets: dict = PRESETS, *, vocab_size: int, se
         return None
     name = order[order.index(top.name) + 1]
     cfg = ModelConfig(vocab_size=vocab_size, block_size=seq_len, **presets[name])
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     params = model.num_params()
     tokens = round(params * top.tokens / top.params)
     flops = float(model.flops_per_token() * tokens)
