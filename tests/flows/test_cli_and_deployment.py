@@ -31,7 +31,8 @@ def test_prefect_yaml_declares_the_service_deployments():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
     flows = {"demo-weekly": "forja-pipeline", "demo-finetune": "forja-finetune", "batch": "forja-batch",
-             "promote": "forja-promote", "rollback": "forja-rollback", "feedback-weekly": "forja-feedback"}
+             "promote": "forja-promote", "rollback": "forja-rollback", "feedback-weekly": "forja-feedback",
+             "sweep": "forja-sweep", "ladder": "forja-ladder"}
     assert set(deployments) == set(flows)
     for name, dep in deployments.items():
         assert dep["entrypoint"].startswith("flows/")
