@@ -68,10 +68,10 @@ def table(results: list[dict], metric: str, best: dict | None) -> list[dict]:
     for r in results:
         row = {"trial": r["trial"], **{k: str(v) for k, v in r["params"].items()}}
         if "error" in r:
-            row |= {metric: None, "version": None, "run": None, "best": False, "error": r["error"][:200]}
+            row |= {metric: None, "version": None, "run": None, "best": False, "error": r["error"][:600]}
         else:
             row |= {metric: round(score(r, metric), 5), "version": r["model_version"], "run": r["mlflow_run_id"],
-                    "best": best is not None and r["trial"] == best["trial"]}
+                    "best": best is not None and r["trial"] == best["trial"], "error": None}
         rows.append(row)
     return rows
 

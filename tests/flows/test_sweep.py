@@ -13,7 +13,7 @@ import yaml
 from tests.flows.test_pipeline import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
-GRID = "pretrain.lr=3e-3,2e-2"
+GRID = ["pretrain.lr=3e-3,2e-2", "pretrain.micro_batch_size=4,2000"]  # 2000 rows: more than the data has
 
 
 def test_trials_are_every_combination_or_seeded_random_draws():
@@ -67,10 +67,11 @@ def swept(prefect_harness, tmp_path_factory):
     workdir = tmp / "work"
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), FORJA_FAULT="sweep:trial-done",
                OMP_NUM_THREADS="1")
-    killed = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(config), "--grid", GRID, "--workdir",
-                             str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(config), "--grid", GRID[0], "--grid",
+                             GRID[1], "--workdir", str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
     first_runs = {p.name for p in (workdir / "artifacts" / "pretrain").iterdir() if not p.name.startswith(".")}
-    result = sweep(config_path=str(config), grid=[GRID], workdir=str(workdir))
+    result = sweep(config_path=str(config), grid=GRID, workdir=str(workdir))
     return tmp, config, workdir, killed, first_runs, result
 
 
@@ -99,7 +100,11 @@ def test_a_killed_sweep_resumes_and_its_trials_are_children_of_one_parent_that_n
     assert parent.data.tags["forja.sweep.best_run_id"] == best.info.run_id
     assert parent.data.metrics["best_val_bits_per_byte"] == pytest.approx(best.data.metrics["eval_val_bits_per_byte"])
     assert {"sweep.md", "sweep.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert result["best"]["mlflow_run_id"] == best.info.run_id and len(result["trials"]) == 2
+    assert result["best"]["mlflow_run_id"] == best.info.run_id
+    # the trials whose batch the data cannot fill failed at once, saying why; the others went on
+    rows = {(r["pretrain.lr"], r["pretrain.micro_batch_size"]): r for r in result["trials"]}
+    assert len(rows) == 4 and all(rows[lr, "4"]["error"] is None for lr in ("0.003", "0.02"))
+    assert all("pretraining needs at least 2000" in rows[lr, "2000"]["error"] for lr in ("0.003", "0.02"))
 
 
 def test_the_ladder_fits_the_sizes_and_predicts_the_next_one(swept):
