@@ -1,15 +1,18 @@
 """Model quality: forja's `tiny` preset against a nanoGPT-architecture model, same tokens and steps.
 
     .venv/bin/python benchmarks/quality.py [--config configs/demo.yaml] [--steps N]
+        [--optimizer adamw|muon] [--muon-lr LR] [--muon-momentum M]
 
 Runs the demo's data stages (crawl the bundled site, dedupe, normalize, tokenize) into a
 temporary folder, then trains, in one run, on the same packed rows drawn in the same
 seeded order, with the same AdamW settings, schedule, batch and number of steps:
-  forja     the pretrain settings of the config, through model.train (DeepSpeed)
+  forja     the pretrain settings of the config, through model.train (DeepSpeed); with
+            --optimizer muon, Muon on its blocks' matrices and AdamW on the rest (model/optim.py)
   baseline  benchmarks/nanogpt.py (learned positions, LayerNorm, GELU) with the parameter
             count closest to forja's, in a plain torch loop
 and reports validation bits per byte of both on the whole validation split
 (loss / ln 2 / bytes per token). The last line is one JSON object; ratio = bpb / baseline_bpb.
+The baseline is the same AdamW nanoGPT whichever optimizer forja trains with.
 """
 from __future__ import annotations
 
@@ -83,9 +86,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--steps", type=int, default=None, help="default: the config's pretrain.max_steps")
+    ap.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="forja's optimizer (default adamw)")
+    ap.add_argument("--muon-lr", type=float, default=None, help="default: the config's pretrain.muon_lr")
+    ap.add_argument("--muon-momentum", type=float, default=None, help="default: the config's pretrain.muon_momentum")
     args = ap.parse_args()
     cfg = load_config(args.config)
     pcfg = cfg.pretrain
+    muon_lr = pcfg.muon_lr if args.muon_lr is None else args.muon_lr
+    muon_momentum = pcfg.muon_momentum if args.muon_momentum is None else args.muon_momentum
     steps = args.steps or pcfg.max_steps
     torch.set_num_threads(pcfg.threads or os.cpu_count())
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -101,7 +109,8 @@ def main() -> None:
             micro_batch_size=pcfg.micro_batch_size, lr=pcfg.lr, min_lr_ratio=pcfg.min_lr_ratio,
             warmup_steps=pcfg.warmup_steps, weight_decay=pcfg.weight_decay, grad_clip=pcfg.grad_clip,
             schedule=pcfg.schedule, decay_fraction=pcfg.decay_fraction, log_every=50, eval_every=10**9,
-            eval_batches=1, checkpoint_every=10**9, seed=pcfg.seed, threads=pcfg.threads)
+            eval_batches=1, checkpoint_every=10**9, seed=pcfg.seed, threads=pcfg.threads,
+            optimizer=args.optimizer, muon_lr=muon_lr, muon_momentum=muon_momentum)
         forja_train.train(spec)
         from model.generate import load_folder
 
@@ -109,12 +118,15 @@ def main() -> None:
         val_rows, train_rows = open_rows(val_files), open_rows(train_files)
         bpt = stats["val_bytes_per_token"]
         forja_bpb = val_loss(forja_model, val_rows, pcfg.micro_batch_size) / math.log(2) / bpt
+        n_forja = forja_model.num_params()
+        print(f"forja ({pcfg.preset}, {args.optimizer}, {n_forja / 1e6:.2f}M params): {forja_bpb:.4f} bits/byte",
+              flush=True)  # known before the baseline's training starts
         base = train_baseline(mcfg, train_rows, pcfg, steps)
         base_bpb = val_loss(base, val_rows, pcfg.micro_batch_size) / math.log(2) / bpt
-        n_forja, n_base = forja_model.num_params(), base.num_params()
-    print(f"forja ({pcfg.preset}, {n_forja / 1e6:.2f}M params): {forja_bpb:.4f} bits/byte")
-    print(f"baseline (nanoGPT architecture, {n_base / 1e6:.2f}M params): {base_bpb:.4f} bits/byte")
-    print(json.dumps({"steps": steps, "params": n_forja, "baseline_params": n_base, "bpb": round(forja_bpb, 4),
+        n_base = base.num_params()
+    muon = {"optimizer": "muon", "muon_lr": muon_lr, "muon_momentum": muon_momentum} if args.optimizer == "muon" else {}
+    print(f"baseline (nanoGPT architecture, AdamW, {n_base / 1e6:.2f}M params): {base_bpb:.4f} bits/byte")
+    print(json.dumps({"steps": steps, **muon, "params": n_forja, "baseline_params": n_base, "bpb": round(forja_bpb, 4),
                       "baseline_bpb": round(base_bpb, 4), "ratio": round(forja_bpb / base_bpb, 4)}))
 
 

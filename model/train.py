@@ -286,8 +286,8 @@ def check_memory(cfg: ModelConfig, spec: TrainSpec, device: str, dtype: torch.dt
         raise MemoryError(
             f"{preset} ({est['params'] / 1e6:.0f}M parameters) needs about {est['total_bytes'] / gib:.1f} GiB per "
             f"rank on {device} (weights, gradients and {spec.optimizer} state {est['states_bytes'] / gib:.1f} GiB "
-            f"with ZeRO stage {spec.zero_stage} over {world} rank(s), activations {est['activation_bytes'] / gib:.1f} GiB at micro-batch "
-            f"{spec.micro_batch_size}) but {have / gib:.1f} GiB is available. Choose a smaller pretrain.preset, raise "
+            f"with ZeRO stage {spec.zero_stage} over {world} rank(s), activations "
+            f"{est['activation_bytes'] / gib:.1f} GiB at micro-batch {spec.micro_batch_size}) but {have / gib:.1f} GiB is available. Choose a smaller pretrain.preset, raise "
             "pretrain.zero_stage and the number of GPUs, or lower pretrain.micro_batch_size (raising "
             "grad_accum_steps to keep the batch)")
 

@@ -34,7 +34,8 @@ def test_muon_moves_the_block_matrices_only_and_adamw_the_rest():
 
 
 @pytest.mark.parametrize("stage, clip", [(0, 1.0), (1, 0.0)])  # ZeRO 1 clips Muon's update: refused with a clip
-def test_deepspeed_muon_orthogonalises_the_matrices_and_the_schedule_scales_both_halves(tmp_path, dist_env, stage, clip):
+def test_deepspeed_muon_orthogonalises_the_matrices_and_the_schedule_scales_both_halves(tmp_path, dist_env, stage,
+                                                                                        clip):
     s = spec(tmp_path, max_steps=20, warmup_steps=4, lr=1e-3, muon_lr=0.02, optimizer="muon", zero_stage=stage,
              grad_clip=clip)
     torch.manual_seed(0)
@@ -110,4 +111,5 @@ def test_the_memory_estimate_counts_one_muon_buffer_instead_of_two_adam_moments(
         muon = tr.memory_estimate(cfg, spec(tmp_path, zero_stage=stage, optimizer="muon"), torch.float32, world)
         assert adamw["states_bytes"] - muon["states_bytes"] == pytest.approx(4 * optim.muon_params(cfg) / world)
     real = GPT(ModelConfig(**SHAPE))
-    assert optim.muon_params(real.cfg) == sum(p.numel() for n, p in real.named_parameters() if optim.is_muon_matrix(n, p))
+    counted = sum(p.numel() for n, p in real.named_parameters() if optim.is_muon_matrix(n, p))
+    assert optim.muon_params(real.cfg) == counted
