@@ -189,10 +189,15 @@ def trial(config_path: str, overrides: list[str], workdir: str, runner: str = ""
     return build_model(load_config(config_path, overrides), workdir, runner or None, started)
 
 
+def start_trial(index: int, config_path: str, overrides: list[str], workdir: str, runner: str, name: str) -> dict:
+    """A trial as a child flow run of the sweep, named by its values."""
+    return trial.with_options(flow_run_name=f"trial-{index}: {name}")(config_path, overrides, workdir, runner)
+
+
 @task(name="run-trial", cache_policy=NO_CACHE)
 def run_trial(index: int, config_path: str, overrides: list[str], workdir: str, runner: str, name: str) -> dict:
-    """A trial as a child flow run (a task, so that the flow's task runner can run several at once)."""
-    return trial.with_options(flow_run_name=f"trial-{index}: {name}")(config_path, overrides, workdir, runner)
+    """A trial in a task, so that the flow's task runner can run several at once (--parallel)."""
+    return start_trial(index, config_path, overrides, workdir, runner, name)
 
 
 @flow(name="forja-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
@@ -245,11 +250,14 @@ def run_sweep(config_path: str, trials: list[dict], overrides: list[str], metric
         results = []
         for start in range(0, len(trials), max(1, parallel)):
             wave = range(start, min(len(trials), start + max(1, parallel)))
-            futures = [run_trial.submit(i + 1, config_path, [*overrides, *overrides_of(trials[i])], wd, runner,
-                                        label(trials[i])) for i in wave]
-            for i, fut in zip(wave, futures):
+            args = {i: (i + 1, config_path, [*overrides, *overrides_of(trials[i])], wd, runner, label(trials[i]))
+                    for i in wave}
+            # One at a time in this thread, where the stages' timeouts can interrupt them; several at once
+            # in the task runner's threads, where a timeout only acts once the blocking call returns.
+            futures = {i: run_trial.submit(*args[i]) for i in wave} if parallel > 1 else {}
+            for i in wave:
                 try:
-                    result = fut.result()
+                    result = futures[i].result() if futures else start_trial(*args[i])
                 except Exception as e:  # a diverging learning rate is a result too: the others go on
                     log.warning("%s %s: trial %d (%s) failed: %s", kind, sid, i + 1, label(trials[i]), e)
                     results.append({"trial": i + 1, "params": trials[i], "error": f"{type(e).__name__}: {e}"})

@@ -18,9 +18,12 @@ weight to the wrong half.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from model.config import ModelConfig
+
+if TYPE_CHECKING:  # annotations only: the config's validator imports this module without torch
+    import torch
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's, today's path; DeepSpeed's Muon would default to 1e-10
 

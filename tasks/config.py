@@ -186,7 +186,7 @@ class PretrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0: none")
     optimizer: Literal["adamw", "muon"] = Field(
         "adamw", description="adamw: AdamW on every weight; muon: Muon (orthogonalised momentum) on the blocks' 2-D "
         "weight matrices, AdamW at lr on the embedding, norms and output head")
@@ -218,6 +218,10 @@ class PretrainConfig(Section):
             raise ValueError(f"pretrain.preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"pretrain.warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        from model.optim import refusal
+
+        if why := refusal(self.optimizer, self.zero_stage, 0, self.grad_clip):  # what training would refuse
+            raise ValueError(why)
         return self
 
 

@@ -66,3 +66,12 @@ def test_pretrain_bad_inputs_name_what_to_change(tmp_path):
         pretrain.launch_command(PretrainConfig(hostfile=str(hostfile)), tmp_path / "spec.json")
     cmd = pretrain.launch_command(PretrainConfig(num_gpus=4), tmp_path / "spec.json")
     assert cmd[cmd.index("--num_gpus") + 1] == "4" and cmd[-3:] == ["--module", "model.train", str(tmp_path / "spec.json")]
+
+
+def test_muon_with_zero_and_a_clip_is_refused_at_load_naming_what_to_change():
+    from tasks.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"optimizer muon with pretrain.zero_stage 1 .* pretrain.grad_clip: 0"):
+        load_config("configs/demo.yaml", ["pretrain.optimizer=muon", "pretrain.zero_stage=1"])
+    cfg = load_config("configs/demo.yaml", ["pretrain.optimizer=muon", "pretrain.zero_stage=1", "pretrain.grad_clip=0"])
+    assert cfg.pretrain.grad_clip == 0 and cfg.pretrain.optimizer == "muon"
