@@ -4,7 +4,8 @@
 
 Both train on the same random tokens, with the same batch, context, thread count and
 device, for --steps steps after --warmup untimed ones:
-  forja     model.train under the deepspeed launcher, in the environment the pretrain task
+  forja     model.train launched as the pretrain task launches it (tasks.pretrain.launch_command:
+            one rank runs alone, more under the deepspeed launcher), in the environment it
             gives its ranks (tasks.pretrain.child_env): DeepSpeed engine (ZeRO 0, gloo or
             nccl), fused CPU kernels (model/kernels.py), gradient-norm check, metrics
   baseline  the nanoGPT-architecture model in benchmarks/nanogpt.py with the parameter count
@@ -78,7 +79,7 @@ def baseline_model(cfg) -> NanoGPT:
 
 
 def forja_rate(launch: PretrainConfig, tmp: Path, env: dict, warmup: int) -> float:
-    """forja exactly as the pretrain task runs it: the deepspeed launcher, one rank, its environment."""
+    """forja exactly as the pretrain task runs it: its launch command for one rank, its environment."""
     shutil.rmtree(tmp / "out", ignore_errors=True)
     shutil.rmtree(tmp / "ckpt", ignore_errors=True)
     done = subprocess.run(launch_command(launch, tmp / "spec.json"), env=env, cwd=ROOT, text=True,

@@ -529,9 +529,14 @@ def drop_shm_buffers(port: int | None, root: Path = SHM) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m model.train [--master_port P] SPEC.json`: one rank, under the deepspeed launcher
+    (which sets RANK, WORLD_SIZE ...) or, with --master_port, alone: the whole world, rank 0 of 1."""
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 3 and argv[0] == "--master_port" and argv[1].isdigit():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=argv[1])
+        argv = argv[2:]
     if len(argv) != 1:
-        print("usage: python -m model.train SPEC.json", file=sys.stderr)
+        print("usage: python -m model.train [--master_port PORT] SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
     watch_parent()

@@ -102,9 +102,13 @@ def check_hostfile(path: str) -> list[str]:
 
 
 def launch_command(cfg: PretrainConfig, spec_path: Path) -> list[str]:
-    """The deepspeed launcher running `model.train` on one machine's processes or a hostfile's nodes."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--master_port",
-           str(model.train.free_port())]
+    """The deepspeed launcher running `model.train` on one machine's processes or a hostfile's nodes;
+    one process on this machine runs `model.train` itself, as the whole world (the launcher's runner
+    and its per-node launch process would add two interpreters importing DeepSpeed, 5-10 s a run)."""
+    port = str(model.train.free_port())
+    if not cfg.hostfile and cfg.num_gpus == 1:
+        return [sys.executable, "-m", "model.train", "--master_port", port, str(spec_path)]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--master_port", port]
     if cfg.hostfile:
         check_hostfile(cfg.hostfile)
         cmd += ["--hostfile", cfg.hostfile]
@@ -166,7 +170,7 @@ def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretra
 
 
 def master_port(cmd: list[str]) -> int | None:
-    """The --master_port of a launcher command line."""
+    """The --master_port of a launch command line (the launcher's, or a lone rank's)."""
     return int(cmd[cmd.index("--master_port") + 1]) if "--master_port" in cmd else None
 
 
