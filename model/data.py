@@ -179,15 +179,19 @@ class Batches:
     """
 
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 mask: np.ndarray | None = None):
-        if len(rows) < batch_size * world:
+                 mask: np.ndarray | None = None, accum: int = 1):
+        if len(rows) < batch_size * world * accum:
             raise ValueError(
-                f"only {len(rows)} training sequences for a global batch of {batch_size * world}: "
-                "lower pretrain.micro_batch_size or add data"
+                f"only {len(rows)} training sequences for a global batch of {batch_size * world * accum} "
+                f"(micro-batch {batch_size} x {world} rank(s) x {accum} accumulation step(s)): lower "
+                "pretrain.micro_batch_size or grad_accum_steps, or add data"
             )
         self.rows, self.batch_size, self.seed, self.rank, self.world = rows, batch_size, seed, rank, world
         self.mask = mask
-        self.per_epoch = len(rows) // (batch_size * world)  # the ragged tail of an epoch is skipped
+        # Positions per epoch, in whole optimizer steps (accum micro-batches each): an epoch ends where it
+        # would with one accum-times-larger micro-batch, so accumulating draws the same rows per step. The
+        # ragged tail of an epoch is skipped.
+        self.per_epoch = len(rows) // (batch_size * world * accum) * accum
         self._perm_epoch, self._perm = -1, None
 
     def indices(self, position: int) -> np.ndarray:

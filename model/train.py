@@ -333,7 +333,8 @@ def train(spec: TrainSpec) -> dict:
 
     train_rows, val_rows = open_rows(spec.train_files), open_rows(spec.val_files)
     val_mask = open_mask(spec.val_files)  # fine-tuning data: learn the responses only
-    batches = Batches(train_rows, spec.micro_batch_size, spec.seed, rank, world, mask=open_mask(spec.train_files))
+    batches = Batches(train_rows, spec.micro_batch_size, spec.seed, rank, world, mask=open_mask(spec.train_files),
+                      accum=spec.grad_accum_steps)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = checkpoint.resume(engine, ckpt_dir, fingerprint)
