@@ -141,17 +141,17 @@ def check_trials(config_path: str, overrides: list[str], trials: list[dict], par
 def memory_problem(cfg: ForjaConfig, parallel: int = 1) -> str | None:
     """Why this config's training would not fit in this machine's memory (as pretrain checks
     before training, model.monitor.memory_estimate), or None."""
-    import torch
-
     import model.config
     from model import monitor
-    from model.train import device_and_dtype
+    from model.train import TrainSpec, device_and_dtype, memory_estimate
 
     p = cfg.pretrain
     mcfg = model.config.from_preset(p.preset, cfg.tokenize.vocab_size, cfg.tokenize.seq_len,
                                     **{k: getattr(p, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd")})
     device, dtype = device_and_dtype()
-    est = monitor.memory_estimate(mcfg, p.micro_batch_size, p.zero_stage, p.num_gpus, dtype != torch.float32)
+    shape = TrainSpec(model={}, train_files=[], val_files=[], tokenizer="", out_dir="", checkpoint_dir="",
+                      micro_batch_size=p.micro_batch_size, zero_stage=p.zero_stage, optimizer=p.optimizer)
+    est = memory_estimate(mcfg, shape, dtype, p.num_gpus)  # the estimate training checks (Muon's one buffer too)
     ranks_here = 1 if device == "cuda" else p.num_gpus  # CPU ranks share this machine's memory
     need, have = est["total_bytes"] * ranks_here * parallel, 0.9 * monitor.device_memory(device)
     if need <= have:

@@ -139,11 +139,13 @@ def child_env(run_id: str | None, cfg: PretrainConfig) -> dict:
 REPORTED = ("step", "model:", "resumed", "checkpoint", "samples")  # training lines worth a Prefect log entry
 
 
-def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretrain") -> None:
-    """Run the launcher, logging its ranks' progress; raise with the last lines if it fails.
+def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretrain") -> float:
+    """Run the launcher, logging its ranks' progress; raise with the last lines if it fails. Returns
+    its wall seconds (the training's GPU-seconds, per GPU, in its cost).
 
     On a terminal, a progress bar shows step, loss and tokens/s as well.
     """
+    started = time.monotonic()
     tail: deque[str] = deque(maxlen=30)
     # Its own process group, so the launcher and every rank can be stopped together; and dying with
     # this process even when it is SIGKILLed, where no `except` runs: the launcher by the kernel's
@@ -167,6 +169,7 @@ def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretra
     model.train.drop_shm_buffers(master_port(cmd))
     if proc.returncode:
         raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
+    return time.monotonic() - started
 
 
 def master_port(cmd: list[str]) -> int | None:
@@ -368,9 +371,8 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
         draw_model(model.config.ModelConfig(**spec.model), out / "model.png",
                    f"forja {model_name or cfg.preset} ({cfg.preset})")
         mlflow.log_artifact(str(out / "model.png"))
-        trained_at = time.monotonic()
-        run_training(launch_command(cfg, out / "spec.json"), child_env(run.info.run_id, cfg), cfg.max_steps)
-        training_s = time.monotonic() - trained_at
+        training_s = run_training(launch_command(cfg, out / "spec.json"), child_env(run.info.run_id, cfg),
+                                  cfg.max_steps)
         if (out / "samples.txt").exists():
             mlflow.log_artifact(str(out / "samples.txt"))
         loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
