@@ -46,6 +46,7 @@ class TrainSpec:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
+    precision: str = "auto"  # "fp32", "bf16", or "auto": bf16 on a GPU that supports it, else fp32
     optimizer: str = "adamw"  # or "muon": Muon on the blocks' 2-D matrices, AdamW on the rest
     muon_lr: float = 0.02
     muon_momentum: float = 0.95

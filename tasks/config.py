@@ -182,6 +182,12 @@ class PretrainConfig(Section):
     max_steps: int = Field(300, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
+    global_batch_size: int = Field(
+        0, ge=0, description="sequences per optimizer step over every rank; 0: micro_batch_size x grad_accum_steps x "
+        "ranks. Set, it decides grad_accum_steps (which must then divide it evenly)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, else fp32; bf16: DeepSpeed's bf16 mode (fp32 "
+        "master weights), on a GPU or a CPU that supports it; fp32: full precision everywhere")
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -204,6 +210,13 @@ class PretrainConfig(Section):
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
     num_gpus: int = Field(1, ge=1, description="processes on this machine (GPUs, or CPU ranks over gloo)")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile: train on the nodes it lists")
+    launcher: Literal["pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm"] = Field(
+        "pdsh", description="with a hostfile: how DeepSpeed starts the other nodes' ranks (pdsh: over ssh)")
+    ssh_port: int = Field(22, ge=1, le=65535, description="with a hostfile: the nodes' ssh port")
+    include: str = Field("", description="with a hostfile: only these nodes/slots, DeepSpeed's form 'host1@host2:0,1'")
+    exclude: str = Field("", description="with a hostfile: leave out these nodes/slots, the same form")
+    master_addr: str = Field("", description="with a hostfile: the address the other nodes reach the first on; "
+                             "default: the first host's address")
     run_name: str | None = Field(None, description="checkpoint folder to resume; default: one per configuration")
     sample_every: int = Field(0, ge=0, description="generations from sample_prompts every N steps; 0 = never")
     sample_prompts: list[str] = Field(default_factory=lambda: ["O Linux é"])
@@ -222,7 +235,28 @@ class PretrainConfig(Section):
 
         if why := refusal(self.optimizer, self.zero_stage, 0, self.grad_clip):  # what training would refuse
             raise ValueError(why)
+        if self.global_batch_size and not self.hostfile:  # with a hostfile the launch knows the ranks
+            object.__setattr__(self, "grad_accum_steps", self.accum_for(self.num_gpus, "pretrain.num_gpus"))  # frozen model
         return self
+
+    def accum_for(self, ranks: int, where: str) -> int:
+        """grad_accum_steps for global_batch_size over `ranks` processes (where: what set their number),
+        or an error saying what to change when the numbers do not divide or disagree."""
+        if not self.global_batch_size:
+            return self.grad_accum_steps
+        per_step = self.micro_batch_size * ranks
+        accum, left = divmod(self.global_batch_size, per_step)
+        if left or not accum:
+            raise ValueError(
+                f"pretrain.global_batch_size {self.global_batch_size} is not a whole number of micro-batches: "
+                f"micro_batch_size {self.micro_batch_size} x {ranks} rank(s) ({where}) = {per_step} sequences per "
+                f"accumulation step. Make global_batch_size a multiple of {per_step}, or change micro_batch_size")
+        if "grad_accum_steps" in self.model_fields_set and self.grad_accum_steps != accum:
+            raise ValueError(
+                f"pretrain.grad_accum_steps {self.grad_accum_steps} disagrees with global_batch_size "
+                f"{self.global_batch_size} = micro_batch_size {self.micro_batch_size} x {ranks} rank(s) ({where}) x "
+                f"{accum}. Set one of them: remove grad_accum_steps, or set it to {accum}")
+        return accum
 
 
 class SuiteConfig(Section):

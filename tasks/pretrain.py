@@ -50,7 +50,8 @@ def model_config(cfg: PretrainConfig, tokens: stage.Manifest) -> model.config.Mo
 
 
 # Settings of the launch or of the stage, not of the training loop (init_from: a URI, resolved by the stage).
-LAUNCHER_ONLY = ("num_gpus", "hostfile", "run_name", "init_from")
+LAUNCHER_ONLY = ("num_gpus", "hostfile", "run_name", "init_from", "launcher", "ssh_port", "include", "exclude",
+                 "master_addr", "global_batch_size")
 
 
 def train_spec(cfg: PretrainConfig, tokens: stage.Manifest, out: Path, ckpt: Path) -> model.train.TrainSpec:
