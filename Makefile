@@ -21,10 +21,12 @@ SERVE_PORT ?= 5001
 STACK_ENV = PATH=$(CURDIR)/$(BIN):$$PATH FORJA_WORKDIR=$(abspath $(WORKDIR)) PREFECT_PORT=$(PREFECT_PORT) \
   MLFLOW_PORT=$(MLFLOW_PORT) PG_PORT=$(PG_PORT) DB=$(DB) STACK_TIMEOUT=$(STACK_TIMEOUT)
 # Debian packages: redis-server (dedupe index), chromium + chromium-driver (UI tests),
-# docker-compose (compose file check), postgresql (a private PostgreSQL cluster).
+# docker-compose (compose file check), postgresql (a private PostgreSQL cluster), and for the
+# two-node training test (two network namespaces on this machine): iproute2, openssh-server, pdsh.
 SYSTEM_DEPS := redis-server:/usr/bin/redis-server chromium:/usr/bin/chromium \
   chromium-driver:/usr/bin/chromedriver docker-compose:/usr/bin/docker-compose \
-  postgresql:/usr/lib/postgresql/15/bin/initdb
+  postgresql:/usr/lib/postgresql/15/bin/initdb iproute2:/usr/sbin/ip openssh-server:/usr/sbin/sshd \
+  pdsh:/usr/bin/pdsh
 
 .PHONY: install system-deps demo serve chat test test-fast bench clean help up down status
 

@@ -75,3 +75,21 @@ def test_muon_with_zero_and_a_clip_is_refused_at_load_naming_what_to_change():
         load_config("configs/demo.yaml", ["pretrain.optimizer=muon", "pretrain.zero_stage=1"])
     cfg = load_config("configs/demo.yaml", ["pretrain.optimizer=muon", "pretrain.zero_stage=1", "pretrain.grad_clip=0"])
     assert cfg.pretrain.grad_clip == 0 and cfg.pretrain.optimizer == "muon"
+
+
+def test_a_global_batch_decides_accumulation_and_a_bad_one_says_what_to_change(tmp_path):
+    """pretrain.global_batch_size = micro_batch_size x grad_accum_steps x ranks: set, it derives the
+    accumulation (what training and the checkpoint fingerprint then use); one that is not a whole
+    number of micro-batches, or that disagrees with an explicit grad_accum_steps, is refused at load."""
+    base = "crawl:\n  seeds: [http://example.org/]\npretrain:\n  micro_batch_size: 4\n  num_gpus: 2\n"
+    cfg = load_config(write(tmp_path, base + "  global_batch_size: 32\n"))
+    assert cfg.pretrain.grad_accum_steps == 4
+    assert cfg.pretrain.model_dump()["grad_accum_steps"] == 4  # what the training spec is made from
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base + "  global_batch_size: 30\n"))
+    assert "global_batch_size 30" in str(e.value) and "multiple of 8" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base + "  global_batch_size: 32\n  grad_accum_steps: 2\n"))
+    assert "grad_accum_steps 2" in str(e.value) and "set it to 4" in str(e.value)
+    # Without a global batch, grad_accum_steps is what it says; with a hostfile the launch decides.
+    assert load_config(write(tmp_path, base + "  grad_accum_steps: 3\n")).pretrain.grad_accum_steps == 3
