@@ -4,6 +4,7 @@ that survives crashes (a torn last line is repaired, a resume cuts it back to it
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -44,7 +45,8 @@ def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
             if key in name and dtype == torch.bfloat16:
                 return peak, f"{name} datasheet bf16 dense"
         return measured_matmul_peak(device, dtype, 4096), f"{name} measured {dtype} matmul"
-    return measured_matmul_peak(device, dtype), f"CPU measured fp32 matmul, {torch.get_num_threads()} threads"
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return measured_matmul_peak(device, dtype), f"CPU measured {kind} matmul, {torch.get_num_threads()} threads"
 
 
 def memory_metrics(device: str) -> dict:
@@ -61,12 +63,74 @@ def layer_of(name: str) -> str:
 
 
 def layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient of each layer (block, embedding, final norm), where grads are held."""
-    sq: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            sq[layer_of(name)] = sq[layer_of(name)] + p.grad.detach().float().pow(2).sum().cpu()
-    return {f"grad_norm.{k}": float(v.sqrt()) for k, v in sq.items()}
+    """L2 norm of the gradient of each layer (block, embedding, final norm), at any ZeRO stage
+    (collective under ZeRO: every rank calls it). Between backward and the optimizer step."""
+    return GradNorms.of(model).by_layer()
+
+
+def _local_grad(p: torch.nn.Parameter) -> tuple[torch.Tensor | None, bool]:
+    """(this rank's part of p's gradient, whether that part is a partition). Without ZeRO it is
+    p.grad, the same on every rank; ZeRO 1 and 2 keep each rank's fragment of the reduced
+    gradient in the optimizer and clear p.grad (a rank may hold none of p: None, a partition);
+    ZeRO 3 keeps a flat partition per parameter."""
+    if p.grad is not None:
+        return p.grad, False
+    if hasattr(p, "ds_id"):  # ZeRO 3
+        from deepspeed.utils import safe_get_local_grad
+
+        return safe_get_local_grad(p), True
+    if hasattr(p, "_hp_mapping"):  # ZeRO 1 and 2: DeepSpeed links every parameter, None if not held here
+        if p._hp_mapping is None:
+            return None, True
+        frag = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+        numel = p._hp_mapping.lp_fragment_address.numel
+        if frag.numel() != numel:  # a whole-parameter buffer: this rank owns only its fragment
+            frag = frag.narrow(0, p._hp_mapping.lp_fragment_address.start, numel)
+        return frag, True
+    return None, False
+
+
+class GradNorms:
+    """Squared L2 norm of each parameter's whole gradient, found from what this rank holds: one
+    multi-tensor kernel over the local gradients and, where ZeRO partitions them, one all-reduce
+    of a vector with one number per parameter. Cheap enough for every step: the non-finite guard
+    and the logged norm read it; the per-layer norms are a sum over it."""
+
+    def __init__(self, names: list[str], sq: torch.Tensor):
+        self.names, self.sq = names, sq  # float64: a large finite norm does not square to inf
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: torch.nn.Module) -> "GradNorms":
+        names, pieces, partitioned = [], [], False
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            g, part = _local_grad(p)
+            partitioned |= part
+            names.append(name)
+            pieces.append(g)
+        held = [g for g in pieces if g is not None and g.numel()]
+        norms = iter(torch._foreach_norm(held, 2, dtype=torch.float32) if held else [])
+        sq = torch.stack([next(norms).double().cpu() if g is not None and g.numel() else torch.zeros((), dtype=torch.float64)
+                          for g in pieces]).pow(2) if pieces else torch.zeros(0, dtype=torch.float64)
+        if partitioned and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(sq)  # disjoint partitions: the squares add up
+        return cls(names, sq)
+
+    def total(self) -> float:
+        return float(self.sq.sum().sqrt())
+
+    def first_nonfinite(self) -> str | None:
+        """The parameter, in backward order (output end first), whose gradient is NaN or inf first."""
+        bad = (~torch.isfinite(self.sq)).nonzero().flatten().tolist()
+        return self.names[bad[-1]] if bad else None
+
+    def by_layer(self) -> dict[str, float]:
+        sq: dict[str, float] = defaultdict(float)
+        for name, v in zip(self.names, self.sq.tolist()):
+            sq[layer_of(name)] += v
+        return {f"grad_norm.{k}": math.sqrt(v) for k, v in sq.items()}
 
 
 def bytes_per_param(zero_stage: int, world: int, mixed: bool) -> float:

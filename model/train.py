@@ -88,11 +88,42 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float, schedule
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def device_and_dtype() -> tuple[str, torch.dtype]:
-    if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-        return "cuda", torch.bfloat16 if bf16 else torch.float32
-    return "cpu", torch.float32
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_support(device: str) -> tuple[bool, str]:
+    """(whether this device trains in bf16, why not). A GPU says so itself; on a CPU a small
+    bf16 matmul must run and agree with fp32 (CPUs without bf16 instructions fail or emulate)."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        return (True, "") if torch.cuda.is_bf16_supported() else (False, f"{name} has no bf16 support")
+    try:
+        a = torch.arange(64, dtype=torch.float32).reshape(8, 8) / 64
+        ok = torch.allclose((a.bfloat16() @ a.bfloat16()).float(), a @ a, rtol=2e-2, atol=1e-2)
+    except RuntimeError as e:
+        return False, f"torch cannot multiply bf16 matrices on this CPU ({e})"
+    return (True, "") if ok else (False, "bf16 matrix products on this CPU are wrong")
+
+
+def resolve_dtype(precision: str, device: str, bf16: tuple[bool, str]) -> torch.dtype:
+    """The training dtype for pretrain.precision on device, given bf16_support(device): "auto" is
+    bf16 on a GPU that has it and fp32 elsewhere; "bf16" where the device lacks it is refused."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"pretrain.precision is {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and (device != "cuda" or not bf16[0])):
+        return torch.float32
+    if not bf16[0]:
+        raise ValueError(f"pretrain.precision is bf16 but {bf16[1]}: set pretrain.precision to fp32 (or auto), "
+                         "or train on a device with bf16 (a GPU from NVIDIA Ampere on, a CPU with AVX512-BF16 or AMX)")
+    return torch.bfloat16
+
+
+def device_and_dtype(precision: str = "auto") -> tuple[str, torch.dtype]:
+    """(device, training dtype) for pretrain.precision (auto, fp32 or bf16) on this machine."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "fp32" or (precision == "auto" and device == "cpu"):
+        return device, torch.float32  # no probe needed
+    return device, resolve_dtype(precision, device, bf16_support(device))
 
 
 def free_port() -> int:
@@ -132,7 +163,7 @@ def build_engine(model: GPT, spec: TrainSpec):
     import deepspeed
 
     ensure_dist_env()
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(spec.precision)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
     schedule = lambda s: lr_factor(  # noqa: E731
@@ -213,11 +244,6 @@ def first_nonfinite_module(model: torch.nn.Module, x: torch.Tensor) -> str | Non
     return found[0] if found else None
 
 
-def grad_norm(model: torch.nn.Module) -> float:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # one multi-tensor kernel
-
-
 @torch.no_grad()
 def evaluate_loss(model: GPT, rows: np.ndarray, batch_size: int, max_batches: int, device, mask=None) -> float:
     model.eval()
@@ -253,10 +279,10 @@ def save(engine, ckpt_dir: Path, step: int, fingerprint: dict, rank: int, keep: 
     barrier()
 
 
-def run_fingerprint(spec: TrainSpec, world: int) -> dict:
+def run_fingerprint(spec: TrainSpec, world: int, dtype: torch.dtype = torch.float32) -> dict:
     """What a checkpoint must share with the run resuming it: the model, tokenizer and data, and
     what decides which rows each step draws (batch shape, world size, seed) and how the checkpoint
-    is laid out (ZeRO stage). Fine-tuning adds its base and LoRA rank."""
+    is laid out (ZeRO stage, and the dtype when not fp32). Fine-tuning adds its base and LoRA rank."""
     fp = {"model": spec.model, "tokenizer_sha256": checkpoint.file_sha256(spec.tokenizer), "data_key": spec.data_key,
           "batch": {"micro_batch_size": spec.micro_batch_size, "grad_accum_steps": spec.grad_accum_steps,
                     "seq_len": spec.model.get("block_size"), "world_size": world},
@@ -265,7 +291,26 @@ def run_fingerprint(spec: TrainSpec, world: int) -> dict:
         fp |= {"init_from": spec.init_from, "lora_rank": spec.lora_rank}
     if spec.optimizer != "adamw":  # AdamW's checkpoints keep their fingerprint; Muon's state does not load there
         fp["optimizer"] = spec.optimizer
+    if dtype != torch.float32:  # fp32 checkpoints keep their fingerprint
+        fp["precision"] = precision_name(dtype)
     return fp
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+
+
+def check_precision(ckpt_dir: Path, dtype: torch.dtype) -> None:
+    """Refuse to resume the newest complete checkpoint in another dtype than it was trained in
+    (its optimizer holds fp32 master weights in bf16, none in fp32): say which to set."""
+    for tag in checkpoint.step_folders(ckpt_dir):
+        if checkpoint.problem(tag) is None:
+            saved, now = checkpoint.fingerprint_of(tag).get("precision", "fp32"), precision_name(dtype)
+            if saved != now:
+                raise checkpoint.CheckpointMismatch(
+                    f"{tag} was trained in {saved} and this run would train in {now}: set pretrain.precision to "
+                    f"{saved} to resume it, or set pretrain.run_name to start a new run in {now} beside it")
+            return
 
 
 def memory_estimate(cfg: ModelConfig, spec: TrainSpec, dtype: torch.dtype, world: int) -> dict:
@@ -305,12 +350,13 @@ def train(spec: TrainSpec) -> dict:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # Refused before an engine is built: another run's checkpoints, a corrupt metrics curve.
     ckpt_dir, out_dir = Path(spec.checkpoint_dir), Path(spec.out_dir)
-    fingerprint = run_fingerprint(spec, world)
+    device, dtype = device_and_dtype(spec.precision)  # bf16 where the device lacks it: refused here
+    fingerprint = run_fingerprint(spec, world, dtype)
+    check_precision(ckpt_dir, dtype)
     checkpoint.check_newest(ckpt_dir, fingerprint)
     metrics_file = ckpt_dir / "metrics.jsonl"  # beside the checkpoints: the curve of the run they belong to
     if rank == 0:
         monitor.read_metrics(metrics_file)
-    device, dtype = device_and_dtype()
     check_memory(cfg, spec, device, dtype, world, spec.extra.get("preset", "this model"))
     model = GPT(cfg)
     if spec.init_from:
@@ -325,7 +371,9 @@ def train(spec: TrainSpec) -> dict:
         n = lora.apply(model, spec.lora_rank, spec.lora_alpha, tuple(spec.lora_targets))
         print(f"LoRA rank {spec.lora_rank} on {', '.join(spec.lora_targets)}: {n / 1e3:.1f}K trainable parameters",
               flush=True)
-    fused = device == "cpu" and dtype == torch.float32 and model.use_fused_kernels()
+    if dtype != torch.float32:  # DeepSpeed casts the parameters; the RoPE tables are buffers
+        model = model.to(dtype)
+    fused = device == "cpu" and dtype == torch.float32 and model.use_fused_kernels()  # fp32-only kernels
     engine, device = build_engine(model, spec)
     peak, peak_source = monitor.peak_flops(device, dtype)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs/token, "
@@ -359,19 +407,24 @@ def train(spec: TrainSpec) -> dict:
         loss_acc, layer_norms = 0.0, {}
         for micro in range(spec.grad_accum_steps):
             x, y = batches.get(step * spec.grad_accum_steps + micro, device)
+            last = micro == spec.grad_accum_steps - 1
+            poisoned = poison_gradient(engine.module, done) if last else None
             _, loss = engine(x, y)
             engine.backward(loss)
             loss_acc += float(loss.detach()) / spec.grad_accum_steps
-            if micro == spec.grad_accum_steps - 1:
-                gnorm = grad_norm(engine.module)
-                sharded = not any(p.grad is not None for p in engine.module.parameters())  # ZeRO 2/3
+            if last:
+                if poisoned is not None:
+                    poisoned.remove()
+                # Each rank's part of the gradients (whole, or its ZeRO partition), reduced: every stage.
+                norms = monitor.GradNorms.of(engine.module)
+                gnorm = norms.total()
                 if spec.grad_norms_every and done % spec.grad_norms_every == 0:
-                    layer_norms = monitor.layer_grad_norms(engine.module)
+                    layer_norms = norms.by_layer()
                 lrs = {"lr": engine.get_lr()[0], **muon_lr(engine, spec)}  # with Muon, "lr" is its AdamW half's
                 if not (math.isfinite(gnorm) and math.isfinite(loss_acc)):
                     # Stop before the optimizer applies it; keep the last good state to inspect.
                     where = (f"first non-finite output in {first_nonfinite_module(engine.module, x)}"
-                             if not math.isfinite(loss_acc) else f"first non-finite gradient in {first_nonfinite_grad(engine.module)}")
+                             if not math.isfinite(loss_acc) else f"first non-finite gradient in {norms.first_nonfinite()}")
                     engine.save_checkpoint(str(ckpt_dir), tag=f"nonfinite-step-{step}",
                                            client_state={"step": step}, save_latest=False)
                     raise FloatingPointError(
@@ -380,10 +433,9 @@ def train(spec: TrainSpec) -> dict:
                     )
             engine.step()
             fault("step", done)
-        if sharded:  # the norm DeepSpeed computed over the shards while clipping
-            gnorm = float(engine.get_global_grad_norm() or 0.0)
         train_loss = loss_acc
         if done % spec.log_every == 0 or done == spec.max_steps:
+            train_loss = mean_over_ranks(loss_acc, world)  # the global batch's loss, not rank 0's share
             now = time.time()
             tok_s = tokens_per_step * (done - last_step) / max(now - last_t, 1e-9)
             metrics = {"train_loss": train_loss, **lrs, "grad_norm": gnorm, "tokens_per_s": tok_s,
@@ -402,7 +454,8 @@ def train(spec: TrainSpec) -> dict:
 
     summary = {"steps": spec.max_steps, "resumed_from": start, "train_loss": train_loss, "val_loss": val_loss,
                "tokens": tokens_per_step * (spec.max_steps - start), "seconds": time.time() - t0,
-               "params": model.num_params(), "world_size": world, "zero_stage": spec.zero_stage}
+               "params": model.num_params(), "world_size": world, "zero_stage": spec.zero_stage,
+               "precision": precision_name(dtype)}
     write_rank_record(engine.module, batches, start * spec.grad_accum_steps, out_dir, rank)
     from model.generate import save_folder
 
@@ -420,6 +473,28 @@ def train(spec: TrainSpec) -> dict:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     barrier()
     return summary
+
+
+def mean_over_ranks(value: float, world: int) -> float:
+    """The mean of value over the data-parallel ranks (collective; value itself on one rank)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t[0]) / world
+
+
+NAN_TARGET = "blocks.0.mlp.down.weight"
+
+
+def poison_gradient(module: torch.nn.Module, step: int):
+    """Fault injection for the non-finite guard's tests: FORJA_FAULT=nan-grad:N makes step N's
+    gradient of NAN_TARGET NaN while the loss stays finite. A hook handle to remove, or None."""
+    from model.faults import armed
+
+    if not armed(f"nan-grad:{step}"):
+        return None
+    return dict(module.named_parameters())[NAN_TARGET].register_hook(lambda g: torch.full_like(g, float("nan")))
 
 
 def muon_lr(engine, spec: TrainSpec) -> dict:

@@ -73,11 +73,12 @@ _REFERENCE: list = []
 
 
 def reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
-    """An uninterrupted 12-step run (checkpoints kept at 6 and 9), made once per session and
-    shared with tests/model/test_train_faults.py: (its folder's parent, its losses)."""
+    """An uninterrupted 12-step run (checkpoints kept at 6 and 9; per-layer gradient norms every 3
+    steps), made once per session and shared with tests/model/test_train_faults.py: (its folder's
+    parent, its losses)."""
     if not _REFERENCE:
         tmp = tmp_path_factory.mktemp("resume")
-        done = run(make_spec(tmp, "ref"))
+        done = run(make_spec(tmp, "ref", grad_norms_every=3))
         assert done.returncode == 0, done.stdout[-3000:]
         _REFERENCE.append((tmp, losses(tmp / "ref")))
     return _REFERENCE[0]
@@ -208,14 +209,24 @@ def test_two_ranks_under_the_launcher_draw_disjoint_data_and_end_identical(tmp_p
     assert "world 2" in done.stdout
 
 
-@pytest.mark.parametrize("zero_stage", [1, 3])
-def test_zero_stages_resume_exactly_and_write_whole_weights(tmp_path, zero_stage):
-    """ZeRO partitions optimizer state (1) or parameters too (3): the same kill-and-resume
-    holds, and the saved model folder has the full weights."""
+def layer_norms(folder: Path, step: int) -> dict[str, float]:
+    rows = [json.loads(x) for x in (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    return {k: v for r in rows if r["step"] == step for k, v in r.items() if k.startswith("grad_norm.")}
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_zero_stages_resume_exactly_and_write_whole_weights(reference, tmp_path, zero_stage):
+    """ZeRO partitions optimizer state (1), gradients too (2) or parameters too (3): the same
+    kill-and-resume holds, the saved model folder has the full weights, and the per-layer gradient
+    norms, read from each rank's partitions, are ZeRO 0's (step 3: the weights after two warmup
+    steps, the same in a 6- and a 12-step run; rel 1e-4, the sums run in another order)."""
     from model.generate import load_folder
 
-    ref = run(make_spec(tmp_path, "ref", zero_stage=zero_stage, max_steps=6))
+    ref = run(make_spec(tmp_path, "ref", zero_stage=zero_stage, max_steps=6, grad_norms_every=3))
     assert ref.returncode == 0, ref.stdout[-3000:]
+    zero0 = layer_norms(reference[0] / "ref", 3)
+    assert sorted(zero0) == ["grad_norm.blocks.0", "grad_norm.blocks.1", "grad_norm.embed", "grad_norm.norm"]
+    assert layer_norms(tmp_path / "ref", 3) == pytest.approx(zero0, rel=1e-4)
     assert run(make_spec(tmp_path, "z", zero_stage=zero_stage, max_steps=6), fault="step:5").returncode == -9
     again = run(make_spec(tmp_path, "z", zero_stage=zero_stage, max_steps=6))
     assert again.returncode == 0 and "at step 3" in again.stdout, again.stdout[-3000:]
