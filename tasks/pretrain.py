@@ -19,10 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
-import time
-from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,6 +32,8 @@ from model.checkpoint import file_sha256
 from model.diagram import draw as draw_model
 from model.generate import CONFIG, TOKENIZER, WEIGHTS
 from tasks import stage
+from tasks.launch import (REPORTED, TrainingProgress, check_hostfile, child_env, die_with_parent,  # noqa: F401
+                          launch_command, master_port, rank_threads, run_training, stop_group)
 from tasks.models import registry, tracking
 from tasks.config import PretrainConfig, TokenizeConfig
 from tasks.reports import flat_counts, publish_counts
@@ -66,11 +64,6 @@ def train_spec(cfg: PretrainConfig, tokens: stage.Manifest, out: Path, ckpt: Pat
     )
 
 
-def rank_threads(cfg: PretrainConfig) -> int:
-    """Torch threads per rank: the machine's share (set deliberately: oversubscription is slow)."""
-    return max(1, (cfg.threads or os.cpu_count() or 1) // cfg.num_gpus)
-
-
 def check_tokens(cfg: PretrainConfig, tokens: stage.Manifest) -> None:
     """Enough training sequences for one global batch, or an error naming the stage that made them."""
     rows = tokens.stats.get("rows", {})
@@ -81,169 +74,6 @@ def check_tokens(cfg: PretrainConfig, tokens: stage.Manifest) -> None:
             f"validation sequences of {tokens.stats.get('seq_len')} tokens; pretraining needs at least {need} "
             "(micro_batch_size x processes) and 1. Crawl more text, lower tokenize.seq_len, or lower "
             "pretrain.micro_batch_size")
-
-
-def check_hostfile(path: str) -> list[str]:
-    """The hosts of a DeepSpeed hostfile, each checked reachable on its ssh port."""
-    import socket
-
-    f = Path(path)
-    if not f.is_file():
-        raise FileNotFoundError(f"pretrain.hostfile {path} does not exist")
-    hosts = [line.split()[0] for line in f.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not hosts:
-        raise ValueError(f"pretrain.hostfile {path} lists no hosts (one 'HOST slots=N' a line)")
-    for host in hosts:
-        try:
-            socket.create_connection((host, 22), timeout=5).close()
-        except OSError as e:
-            raise ConnectionError(f"pretrain.hostfile {path}: host {host!r} is unreachable on its ssh port 22 "
-                                  f"({e}); fix the name or remove it from the hostfile") from None
-    return hosts
-
-
-def launch_command(cfg: PretrainConfig, spec_path: Path) -> list[str]:
-    """The deepspeed launcher running `model.train` on one machine's processes or a hostfile's nodes;
-    one process on this machine runs `model.train` itself, as the whole world (the launcher's runner
-    and its per-node launch process would add two interpreters importing DeepSpeed, 5-10 s a run)."""
-    port = str(model.train.free_port())
-    if not cfg.hostfile and cfg.num_gpus == 1:
-        return [sys.executable, "-m", "model.train", "--master_port", port, str(spec_path)]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--master_port", port]
-    if cfg.hostfile:
-        check_hostfile(cfg.hostfile)
-        cmd += ["--hostfile", cfg.hostfile]
-    else:
-        cmd += ["--num_gpus", str(cfg.num_gpus)]
-    return cmd + ["--module", "model.train", str(spec_path)]
-
-
-def child_env(run_id: str | None, cfg: PretrainConfig) -> dict:
-    """The environment of the launcher and its ranks: thread counts, compiled-op cache, the
-    accelerator, forja on the import path, the MLflow run to log to (when there is one) and,
-    on a CPU, an allocator that keeps freed memory (model.train.cpu_allocator_env)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if run_id is not None:
-        env |= {"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    env.setdefault("OMP_NUM_THREADS", str(rank_threads(cfg)))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "forja" / "torch_extensions"))
-    device = model.train.device_and_dtype()[0]
-    env.setdefault("DS_ACCELERATOR", device)
-    if device == "cpu":
-        for k, v in model.train.cpu_allocator_env().items():
-            env.setdefault(k, v)
-    root = str(Path(__file__).resolve().parent.parent)  # the ranks import model.train from this checkout
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
-
-
-REPORTED = ("step", "model:", "resumed", "checkpoint", "samples")  # training lines worth a Prefect log entry
-
-
-def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretrain") -> float:
-    """Run the launcher, logging its ranks' progress; raise with the last lines if it fails. Returns
-    its wall seconds (the training's GPU-seconds, per GPU, in its cost).
-
-    On a terminal, a progress bar shows step, loss and tokens/s as well.
-    """
-    started = time.monotonic()
-    tail: deque[str] = deque(maxlen=30)
-    # Its own process group, so the launcher and every rank can be stopped together; and dying with
-    # this process even when it is SIGKILLed, where no `except` runs: the launcher by the kernel's
-    # parent-death signal, each rank by model.train's watchdog on this pid.
-    env = dict(env, **{model.train.PARENT_ENV: str(os.getpid())})
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=die_with_parent())
-    try:
-        with TrainingProgress(max_steps, label) as bar:
-            for line in proc.stdout:
-                line = line.rstrip()
-                tail.append(line)
-                if line.startswith(REPORTED):
-                    logging.getLogger(f"forja.{label}").info("%s: %s", label, line)
-                    bar.update(line)
-    except BaseException:  # a task timeout, a cancelled run, Ctrl-C: leave no rank training behind
-        stop_group(proc)
-        model.train.drop_shm_buffers(master_port(cmd))
-        raise
-    proc.wait()
-    model.train.drop_shm_buffers(master_port(cmd))
-    if proc.returncode:
-        raise RuntimeError(f"training process exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
-    return time.monotonic() - started
-
-
-def master_port(cmd: list[str]) -> int | None:
-    """The --master_port of a launch command line (the launcher's, or a lone rank's)."""
-    return int(cmd[cmd.index("--master_port") + 1]) if "--master_port" in cmd else None
-
-
-def die_with_parent():
-    """A preexec_fn making the child SIGKILLed when this process dies (Linux PR_SET_PDEATHSIG; None
-    elsewhere). prctl is looked up here, so the child between fork and exec only calls it. The
-    signal follows the thread that started the child, which waits on it until it ends."""
-    import ctypes
-    import signal
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-    parent, pr_set_pdeathsig = os.getpid(), 1
-
-    def arm() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return arm
-
-
-def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM the process group of proc (the launcher and its ranks), SIGKILL what is left after
-    grace_s. The last committed checkpoint stays, so a retry resumes from it."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        deadline = time.monotonic() + wait
-        try:
-            os.killpg(proc.pid, sig)
-            while time.monotonic() < deadline:
-                proc.poll()  # reap the launcher, or its zombie keeps the group alive
-                os.killpg(proc.pid, 0)
-                time.sleep(0.1)
-        except ProcessLookupError:  # nobody left in the group
-            break
-    log.warning("training stopped: its process group %d was terminated", proc.pid)
-
-
-class TrainingProgress:
-    """A rich progress bar fed by the training's `step N key=value ...` lines (terminals only)."""
-
-    def __init__(self, total: int, label: str = "pretrain"):
-        self.total, self.label, self.progress, self.task = total, label, None, None
-
-    def __enter__(self):
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn(self.label), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(self.label, total=self.total, info="")
-        return self
-
-    def update(self, line: str) -> None:
-        if self.progress is None or not line.startswith("step "):
-            return
-        parts = line.split()
-        fields = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
-        info = f"loss {fields.get('train_loss', '?')}  {fields.get('tokens_per_s', '?')} tok/s"
-        self.progress.update(self.task, completed=int(parts[1]), info=info)
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def loss_curve(metrics_file: Path, png: Path, title: str = "forja pretraining") -> None:
@@ -372,7 +202,7 @@ def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment:
         draw_model(model.config.ModelConfig(**spec.model), out / "model.png",
                    f"forja {model_name or cfg.preset} ({cfg.preset})")
         mlflow.log_artifact(str(out / "model.png"))
-        training_s = run_training(launch_command(cfg, out / "spec.json"), child_env(run.info.run_id, cfg),
+        training_s = run_training(launch_command(cfg, out / "spec.json"), child_env(run.info.run_id, cfg, out),
                                   cfg.max_steps)
         if (out / "samples.txt").exists():
             mlflow.log_artifact(str(out / "samples.txt"))
@@ -400,7 +230,7 @@ def training_cost(summary: dict, metrics_file: Path, training_s: float, cfg: Pre
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.pretrain", "model.checkpoint", "model.config", "model.data", "model.generate", "model.gpt", "model.monitor",
+CODE = ("tasks.pretrain", "tasks.launch", "model.checkpoint", "model.config", "model.data", "model.generate", "model.gpt", "model.monitor",
         "model.train", "model.kernels", model.kernels.SOURCE)
 
 
