@@ -17,9 +17,10 @@ device, for --steps steps after --warmup untimed ones:
 Each of --rounds rounds runs all three, one after another in a rotated order, each in its
 own process; the medians over rounds are compared (a shared machine's speed drifts by
 10-20% from minute to minute, which one run of each would read as a difference).
-MFU is FLOPs per token (6N + attention) x tokens/s over one peak measured here (a fp32
-matmul on the CPU; the datasheet bf16 peak on known GPUs). On a GPU, run it with
---preset gpt2-124m --seq 1024 --batch 16 (bf16). The last line is one JSON object.
+MFU is FLOPs per token (6N + attention) x tokens/s over one peak measured here (a matmul
+in the training dtype on the CPU; the datasheet bf16 peak on known GPUs). On a GPU, run it with
+--preset gpt2-124m --seq 1024 --batch 16 --precision bf16 (benchmarks/gpu.sh does). The last
+line is one JSON object.
 """
 from __future__ import annotations
 
@@ -111,10 +112,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are compared")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="pretrain.precision for forja; the baseline autocasts to the same dtype")
     ap.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)  # one baseline round
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device, dtype = forja_train.device_and_dtype()
+    device, dtype = forja_train.device_and_dtype(args.precision)
     cfg = from_preset(args.preset, args.vocab, args.seq)
     rows = np.random.default_rng(0).integers(0, args.vocab, size=(4096, args.seq + 1)).astype(np.uint16)
     if args.baseline_only:
@@ -137,7 +140,8 @@ def main() -> None:
             model=asdict(cfg), train_files=[str(tmp / "train-00000.parquet")], val_files=[str(tmp / "val-00000.parquet")],
             tokenizer=str(tmp / "tok.json"), out_dir=str(tmp / "out"), checkpoint_dir=str(tmp / "ckpt"),
             max_steps=args.warmup + args.steps, micro_batch_size=args.batch, warmup_steps=min(10, args.warmup),
-            log_every=every, eval_every=10**9, eval_batches=1, checkpoint_every=10**9, threads=args.threads)
+            log_every=every, eval_every=10**9, eval_batches=1, checkpoint_every=10**9, threads=args.threads,
+            precision=args.precision)
         (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
         launch = PretrainConfig(threads=args.threads)
         forja_env = child_env(None, launch) | {"OMP_NUM_THREADS": str(args.threads)}
@@ -166,7 +170,8 @@ def main() -> None:
     print(f"baseline: {base_model.num_params() / 1e6:.2f}M params, {base_tps:8.0f} tokens/s, MFU {base_mfu:.3f}")
     print(f"baseline in forja's environment ({', '.join(k for k in forja_env if k.startswith('MALLOC'))}): "
           f"{same_tps:8.0f} tokens/s, MFU {same_mfu:.3f}")
-    print(json.dumps({"preset": args.preset, "device": device, "rounds": args.rounds,
+    print(json.dumps({"preset": args.preset, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                      "peak_flops": peak, "peak_source": source, "rounds": args.rounds,
                       "tokens_per_s": round(forja_tps, 1), "mfu": round(forja_mfu, 4),
                       "baseline_tokens_per_s": round(base_tps, 1), "baseline_mfu": round(base_mfu, 4),
                       "mfu_ratio": round(forja_mfu / base_mfu, 3),
