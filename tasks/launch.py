@@ -251,13 +251,14 @@ def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretra
     On a terminal, a progress bar shows step, loss and tokens/s as well.
 
     What stops the ranks when this process goes: an exception here (timeout, cancel, Ctrl-C)
-    SIGTERMs the launcher's process group, and DeepSpeed's multi-node runner then pkills its ranks
-    on every node through pdsh. A SIGKILL runs no code: the launcher dies by the parent-death
-    signal, and ranks on this machine outside ssh by their watchdog on this pid; ranks started over
-    ssh lose their output pipe (pdsh, then ssh, die writing to it; the ranks' next line fails) and
-    their gloo/NCCL peers, so they stop within a log interval.
+    SIGTERMs the launcher's process group. A SIGKILL runs no code here: the launcher gets the
+    parent-death signal, and ranks on this machine outside ssh have their watchdog on this pid.
+    Ranks started over ssh (a hostfile) have neither, and pdsh outlives a killed runner, so there
+    the parent-death signal is SIGTERM: DeepSpeed's runner catches it, stops pdsh and pkills the
+    per-node launchers (and so their ranks) on every node through pdsh.
     """
     import logging
+    import signal
 
     import model.train
 
@@ -266,7 +267,8 @@ def run_training(cmd: list[str], env: dict, max_steps: int, label: str = "pretra
     failures: list[str] = []  # kept apart from the tail, which a long traceback would push them out of
     env = dict(env, **{model.train.PARENT_ENV: str(os.getpid())})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=die_with_parent())
+                            start_new_session=True,
+                            preexec_fn=die_with_parent(signal.SIGTERM if "--hostfile" in cmd else signal.SIGKILL))
     try:
         with TrainingProgress(max_steps, label) as bar:
             for line in proc.stdout:
@@ -293,9 +295,9 @@ def master_port(cmd: list[str]) -> int | None:
     return int(cmd[cmd.index("--master_port") + 1]) if "--master_port" in cmd else None
 
 
-def die_with_parent():
-    """A preexec_fn making the child SIGKILLed when this process dies (Linux PR_SET_PDEATHSIG; None
-    elsewhere). prctl is looked up here, so the child between fork and exec only calls it. The
+def die_with_parent(sig: int | None = None):
+    """A preexec_fn sending the child sig (default SIGKILL) when this process dies (Linux
+    PR_SET_PDEATHSIG; None elsewhere). prctl is looked up here, so the child between fork and exec only calls it. The
     signal follows the thread that started the child, which waits on it until it ends."""
     import ctypes
     import signal
@@ -304,10 +306,10 @@ def die_with_parent():
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux
         return None
-    parent, pr_set_pdeathsig = os.getpid(), 1
+    parent, pr_set_pdeathsig, sig = os.getpid(), 1, int(signal.SIGKILL if sig is None else sig)
 
     def arm() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+        prctl(pr_set_pdeathsig, sig)
         if os.getppid() != parent:  # the parent died before the signal was armed
             os.kill(os.getpid(), signal.SIGKILL)
 

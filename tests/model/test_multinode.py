@@ -105,6 +105,25 @@ def test_two_nodes_train_as_two_ranks_on_one_host_survive_losing_b_and_carry_for
     assert not hosts.rank_pids(hosts.a) + hosts.rank_pids(hosts.b)  # nothing left training
 
 
+def test_a_killed_stage_leaves_no_rank_training_on_either_host(hosts, tmp_path):
+    """SIGKILL of the stage's process runs none of its code, and pdsh outlives DeepSpeed's runner:
+    the runner's parent-death signal is SIGTERM, on which it pkills the ranks' launchers on every
+    host through pdsh. Without it, both hosts trained on unattended (seen here before the fix)."""
+    spec = make_spec(tmp_path, "orphans", max_steps=5000, checkpoint_every=5000, eval_every=5000, log_every=1)
+    stage = netns.stage_launch(hosts, two_node_cfg(hosts.dir, tmp_path), spec)
+    metrics = tmp_path / "orphans" / "ckpt" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not (metrics.exists() and metrics.stat().st_size) and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hosts.rank_pids(hosts.a) and hosts.rank_pids(hosts.b), "not training on both hosts"
+    stage.kill()
+    stage.communicate()
+    deadline = time.monotonic() + 20
+    while (hosts.rank_pids(hosts.a) or hosts.rank_pids(hosts.b)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not hosts.rank_pids(hosts.a) + hosts.rank_pids(hosts.b), "ranks still training after the stage was killed"
+
+
 CHECK = """
 import json, sys
 from tasks.config import PretrainConfig
