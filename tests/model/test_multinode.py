@@ -105,6 +105,7 @@ def test_two_nodes_train_as_two_ranks_on_one_host_survive_losing_b_and_carry_for
     assert not hosts.rank_pids(hosts.a) + hosts.rank_pids(hosts.b)  # nothing left training
 
 
+@pytest.mark.slow
 def test_a_killed_stage_leaves_no_rank_training_on_either_host(hosts, tmp_path):
     """SIGKILL of the stage's process runs none of its code, and pdsh outlives DeepSpeed's runner:
     the runner's parent-death signal is SIGTERM, on which it pkills the ranks' launchers on every
