@@ -12,7 +12,9 @@ unpickled.
 Resume never starts over silently: when checkpoints were committed but none of them loads,
 it stops with the reason for each. The fingerprint holds everything that decides which rows
 a step draws and the checkpoint's layout (batch shape, world size, seed, ZeRO stage), so a
-resume with other settings is refused, naming them. A save that fills the disk removes its
+resume with other settings is refused, naming them; except another number of ranks with the
+same global batch, which draws the same rows and loads through DeepSpeed's universal
+checkpoint format (model/reshard.py). A save that fills the disk removes its
 partial folder and says so; the previous checkpoint stays the one a rerun resumes from.
 """
 from __future__ import annotations
@@ -120,14 +122,21 @@ class CheckpointDiskFull(OSError):
 
 
 def refuse_mismatch(tag_dir: Path, fingerprint: dict) -> None:
-    """Raise CheckpointMismatch naming each field where the checkpoint's run differs from this one."""
+    """Raise CheckpointMismatch naming each field where the checkpoint's run differs from this one.
+
+    Another split of the same global batch (ranks, micro-batch, accumulation) is no mismatch: its
+    steps draw the same rows (model/reshard.py); a changed global batch says what to set."""
+    from model import reshard
+
     saved = fingerprint_of(tag_dir)
     current = {k: v for k, v in fingerprint.items() if k in saved or k not in LATER_FIELDS}
-    if diffs := mismatch(saved, current):
-        raise CheckpointMismatch(
-            f"{tag_dir} belongs to another run: " + "; ".join(diffs) + ". Train with the same model, tokenizer, "
-            "data, batch shape (micro_batch_size, grad_accum_steps, seq_len, processes), seed and ZeRO stage to "
-            "resume it, or set pretrain.run_name to start a new run beside it")
+    diffs = mismatch(saved, current)
+    if not diffs or reshard.relayout_only(saved, current):
+        return
+    raise CheckpointMismatch(
+        f"{tag_dir} belongs to another run: " + "; ".join(diffs) + ". Train with the same model, tokenizer, "
+        "data, global batch (micro_batch_size x grad_accum_steps x processes), seq_len, seed and ZeRO stage to "
+        "resume it, or set pretrain.run_name to start a new run beside it." + reshard.batch_advice(saved, current))
 
 
 def check_newest(ckpt_dir: Path, fingerprint: dict) -> None:
@@ -148,12 +157,14 @@ def resume(engine, ckpt_dir: Path, fingerprint: dict) -> int:
     """
     import torch
 
+    from model import reshard
+
     failed: list[tuple[Path, str]] = []
     for tag in step_folders(ckpt_dir):
         if (why := problem(tag)) is None:
             refuse_mismatch(tag, fingerprint)
-            try:
-                path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag.name)
+            try:  # through DeepSpeed's universal format when ZeRO state was partitioned over other ranks
+                path, client = reshard.load(engine, ckpt_dir, tag, fingerprint_of(tag), fingerprint)
                 why = None if path is not None else "DeepSpeed found nothing to load"
             except Exception as e:  # a corrupt file that kept its size, another ZeRO layout
                 why = f"{type(e).__name__}: {e}"

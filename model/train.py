@@ -6,7 +6,6 @@ group and the same entry point works under the `deepspeed` launcher later.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from model import checkpoint, kernels, monitor, optim
+from model.records import write_rank_record
 from model.faults import fault_point
 from model.config import ModelConfig
 from model.data import Batches, eval_batches, open_mask, open_rows
@@ -282,7 +282,8 @@ def save(engine, ckpt_dir: Path, step: int, fingerprint: dict, rank: int, keep: 
 def run_fingerprint(spec: TrainSpec, world: int, dtype: torch.dtype = torch.float32) -> dict:
     """What a checkpoint must share with the run resuming it: the model, tokenizer and data, and
     what decides which rows each step draws (batch shape, world size, seed) and how the checkpoint
-    is laid out (ZeRO stage, and the dtype when not fp32). Fine-tuning adds its base and LoRA rank."""
+    is laid out (ZeRO stage, and the dtype when not fp32). Fine-tuning adds its base and LoRA rank.
+    Another world size with the same global batch resumes (checkpoint.refuse_mismatch, model/reshard.py)."""
     fp = {"model": spec.model, "tokenizer_sha256": checkpoint.file_sha256(spec.tokenizer), "data_key": spec.data_key,
           "batch": {"micro_batch_size": spec.micro_batch_size, "grad_accum_steps": spec.grad_accum_steps,
                     "seq_len": spec.model.get("block_size"), "world_size": world},
@@ -513,19 +514,6 @@ def gathered(module: torch.nn.Module, zero_stage: int):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
-def write_rank_record(model: GPT, batches: Batches, position: int, out_dir: Path, rank: int) -> None:
-    """ranks/rank-N.json: a digest of this rank's final weights and the rows of its first batch,
-    to check that data-parallel ranks end identical after drawing disjoint data."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    folder = out_dir / "ranks"
-    folder.mkdir(exist_ok=True)
-    record = {"rank": rank, "weights_sha256": h.hexdigest(), "first_batch_rows": batches.indices(position).tolist()}
-    (folder / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
 def write_samples(model: GPT, tokenizer, spec: TrainSpec, step: int, out_dir: Path, sink: "monitor.MetricSink | None") -> None:
