@@ -25,7 +25,7 @@ STACK_ENV = PATH=$(CURDIR)/$(BIN):$$PATH FORJA_WORKDIR=$(abspath $(WORKDIR)) PRE
 # two-node training test (two network namespaces on this machine): iproute2, openssh-server, pdsh.
 SYSTEM_DEPS := redis-server:/usr/bin/redis-server chromium:/usr/bin/chromium \
   chromium-driver:/usr/bin/chromedriver docker-compose:/usr/bin/docker-compose \
-  postgresql:/usr/lib/postgresql/15/bin/initdb iproute2:/usr/sbin/ip openssh-server:/usr/sbin/sshd \
+  postgresql:/usr/lib/postgresql/15/bin/initdb iproute2:/usr/sbin/ip openssh-client:/usr/bin/ssh openssh-server:/usr/sbin/sshd \
   pdsh:/usr/bin/pdsh
 
 .PHONY: install system-deps demo serve chat test test-fast bench clean help up down status
