@@ -219,6 +219,11 @@ def test_two_ranks_under_the_launcher_draw_disjoint_data_end_identical_and_accum
     assert [b[k] for k in a] == pytest.approx([a[k] for k in a], rel=1e-5)
 
 
+def layer_norms(folder: Path, step: int) -> dict[str, float]:
+    rows = [json.loads(x) for x in (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    return {k: v for r in rows if r["step"] == step for k, v in r.items() if k.startswith("grad_norm.")}
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_zero_stages_resume_exactly_and_write_whole_weights(reference, tmp_path, zero_stage):
     """ZeRO partitions optimizer state (1), gradients too (2) or parameters too (3): the same
