@@ -176,6 +176,9 @@ class Batches:
     global batch k takes the next batch_size * world rows and each data-parallel rank a
     disjoint slice of them. The position is just k = step * grad_accum + micro, which the
     checkpoint holds, so a resumed run draws exactly the batches the uninterrupted run would.
+    A whole optimizer step takes the permutation's next batch_size * world * accum rows, however
+    they are split over ranks and micro-batches, so a run resumed on another number of ranks with
+    the same global batch draws the same rows at every step (model/reshard.py).
     """
 
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1,

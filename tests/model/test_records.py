@@ -24,7 +24,8 @@ def state_of(preset: str, vocab: int = 50304, block: int = 2048) -> dict[str, to
     with torch.device("meta"):
         model = GPT(from_preset(preset, vocab, block))
     shared: dict = {}
-    return {k: shared.setdefault(id(v), torch.empty(v.shape, dtype=v.dtype)) for k, v in model.state_dict(keep_vars=True).items()}
+    return {k: shared.setdefault(id(v), torch.empty(v.shape, dtype=v.dtype))  # tied weights: one tensor
+            for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def test_the_1b_end_of_run_record_reads_the_weights_at_most_once():

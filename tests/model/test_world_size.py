@@ -86,9 +86,9 @@ def metrics(folder: Path) -> dict[int, dict]:
 
 
 def run_two(spec: Path) -> subprocess.CompletedProcess:
-    """Two ranks as two processes given the variables the deepspeed launcher sets (the same
-    torch.distributed world; tests/model/test_resume.py runs the launcher itself, whose start-up
-    costs each run another 6 s here)."""
+    """Two ranks as two processes given the variables the deepspeed launcher sets: the same
+    torch.distributed world without the launcher's start-up, about 6-10 s a run here (the launcher
+    itself runs in tests/model/test_resume.py and test_multinode.py)."""
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "model.train", str(spec)], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -104,9 +104,10 @@ def test_one_rank_to_two_and_back_continues_the_run(tmp_path, zero_stage):
     """Global batch 8: one rank x micro-batch 4 x 2 accumulation steps, or two ranks x micro-batch 4.
     A one-rank run (checkpoints at 2 and 4) is resumed from step 2 on two ranks, which checkpoint at
     4; that is resumed on one rank again. ZeRO 1 converts each partitioned checkpoint to the universal
-    format once; ZeRO 0's state is whole. The switched run must train like the uninterrupted one: the
-    same rows each step, so the same one-rank losses after the switch back and the same validation
-    loss and weights at the end (fp32 sums over the same rows in another order: rel 1e-4)."""
+    format once; ZeRO 0's state is whole. The switched runs must train like the uninterrupted one: the
+    same rows each step, so the same loss at every step on either layout and the same validation
+    loss and weights at the end (fp32 sums of the same rows, possibly in another order: rel 1e-5;
+    observed here: bit-identical)."""
     kw = dict(zero_stage=zero_stage, max_steps=6, checkpoint_every=2, keep_checkpoints=2, micro_batch_size=4)
     ref = run(make_spec(tmp_path, "one", grad_accum_steps=2, **kw))
     assert ref.returncode == 0, ref.stdout[-3000:]
@@ -114,22 +115,29 @@ def test_one_rank_to_two_and_back_continues_the_run(tmp_path, zero_stage):
     up = run_two(make_spec(tmp_path, "up", **kw))
     assert up.returncode == 0 and "at step 2" in up.stdout, up.stdout[-3000:] + up.stderr[-3000:]
     shutil.copytree(tmp_path / "up" / "ckpt", tmp_path / "down" / "ckpt")
+    if zero_stage:  # what a conversion killed mid-way leaves
+        killed = tmp_path / "down" / "ckpt" / "step-4" / f".{reshard.UNIVERSAL}.tmp"
+        (killed / "zero").mkdir(parents=True)
+        (killed / "zero" / "optimizer_state.pt").write_bytes(b"half")
     down = run(make_spec(tmp_path, "down", grad_accum_steps=2, **kw))
     assert down.returncode == 0 and "at step 4" in down.stdout, down.stdout[-3000:] + down.stderr[-3000:]
     for name, tag in (("up", "step-2"), ("down", "step-4")):  # converted once, in place, nothing half-made
         folder = tmp_path / name / "ckpt" / tag
         assert (folder / reshard.UNIVERSAL).is_dir() == bool(zero_stage)
-        assert not list(folder.glob(".*tmp")) and checkpoint.problem(folder) is None
+        assert not list(folder.glob(".*tmp")) and checkpoint.problem(folder) is None  # the half one redone
     # no row repeated or skipped: after each switch, the rows of the resumed step as the new layout splits them
     rows = np.zeros((64, 3))
-    assert drawn(tmp_path / "up") == {f"rank-{r}.json": Batches(rows, 4, 1337, r, 2).indices(2).tolist() for r in (0, 1)}
+    assert drawn(tmp_path / "up") == {f"rank-{r}.json": Batches(rows, 4, 1337, r, 2).indices(2).tolist()
+                                      for r in (0, 1)}
     assert drawn(tmp_path / "down") == {"rank-0.json": Batches(rows, 4, 1337, accum=2).indices(4 * 2).tolist()}
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "down")
-    assert list(b) == list(a) == list(range(1, 7))
-    assert [b[s]["train_loss"] for s in (5, 6)] == pytest.approx([a[s]["train_loss"] for s in (5, 6)], rel=1e-4)
-    assert metrics(tmp_path / "up")[6]["val_loss"] == pytest.approx(a[6]["val_loss"], rel=1e-4)
-    assert b[6]["val_loss"] == pytest.approx(a[6]["val_loss"], rel=1e-4)
+    expected = metrics(tmp_path / "one")
+    for name in ("up", "down"):  # up: steps 3-6 on two ranks (the mean loss over them); down: 5-6 on one again
+        got = metrics(tmp_path / name)
+        assert list(got) == list(expected) == list(range(1, 7)), name
+        assert [got[s]["train_loss"] for s in got] == pytest.approx([expected[s]["train_loss"] for s in expected],
+                                                                    rel=1e-5), name
+        assert got[6]["val_loss"] == pytest.approx(expected[6]["val_loss"], rel=1e-5), name
     want = load_folder(tmp_path / "one" / "out")[0].state_dict()
     for name in ("up", "down"):
         got = load_folder(tmp_path / name / "out")[0].state_dict()
-        assert all(torch.allclose(got[k], want[k], rtol=1e-3, atol=1e-5) for k in want), name
+        assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in want), name
