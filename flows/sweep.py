@@ -148,9 +148,10 @@ def memory_problem(cfg: ForjaConfig, parallel: int = 1) -> str | None:
     p = cfg.pretrain
     mcfg = model.config.from_preset(p.preset, cfg.tokenize.vocab_size, cfg.tokenize.seq_len,
                                     **{k: getattr(p, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd")})
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(p.precision)
     shape = TrainSpec(model={}, train_files=[], val_files=[], tokenizer="", out_dir="", checkpoint_dir="",
-                      micro_batch_size=p.micro_batch_size, zero_stage=p.zero_stage, optimizer=p.optimizer)
+                      micro_batch_size=p.micro_batch_size, zero_stage=p.zero_stage, optimizer=p.optimizer,
+                      precision=p.precision)
     est = memory_estimate(mcfg, shape, dtype, p.num_gpus)  # the estimate training checks (Muon's one buffer too)
     ranks_here = 1 if device == "cuda" else p.num_gpus  # CPU ranks share this machine's memory
     need, have = est["total_bytes"] * ranks_here * parallel, 0.9 * monitor.device_memory(device)

@@ -34,6 +34,7 @@ REMOTE_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "DS
 REMOTE_PREFIXES = ("MALLOC_", "MLFLOW_", "GLOO_", "NCCL_")
 # Characters DeepSpeed's runner cannot pass through the remote shell's `export K="V"` unchanged.
 UNSAFE = re.compile(r'["$`\\\n]')
+LAUNCH_KEYS = ("hostfile", "launcher", "ssh_port", "include", "exclude", "master_addr")  # where ranks run, not what they train
 SSH_LAUNCHERS = ("pdsh",)  # the launchers that reach the nodes over ssh themselves
 OTHER_SSH_PORTS = (22, 2222, 2022, 222)  # where a misconfigured node's sshd is looked for
 
@@ -66,6 +67,31 @@ def active_hosts(hosts: list[str], include: str = "", exclude: str = "") -> list
         return [h for h in hosts if h in named(include)]
     gone = {h for h, slots in named(exclude).items() if not slots}
     return [h for h in hosts if h not in gone]
+
+
+def hostfile_slots(path: str, include: str = "", exclude: str = "") -> int:
+    """How many ranks a hostfile launch starts: the active hosts' `slots=N` (1 where a line gives
+    none), less the slots exclude names ('host:0,1'), or just the slots include names."""
+    slots = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            host, *rest = line.split()
+            n = next((int(x.split("=", 1)[1]) for x in rest if x.startswith("slots=") and x[6:].isdigit()), 1)
+            slots[host] = n
+    listed = lambda s: {p.split(":")[0]: len(p.split(":")[1].split(",")) if ":" in p else None  # noqa: E731
+                        for p in s.split("@") if p}
+    hosts = active_hosts(list(slots), include, exclude)
+    if include:
+        return sum(listed(include)[h] or slots[h] for h in hosts)
+    return sum(slots[h] - (listed(exclude).get(h) or 0) for h in hosts)
+
+
+def world_size(cfg) -> tuple[int, str]:
+    """(ranks a launch starts, what decided it): pretrain.num_gpus, or the hostfile's slots."""
+    if not cfg.hostfile:
+        return cfg.num_gpus, "pretrain.num_gpus"
+    hostfile_hosts(cfg.hostfile)  # a missing or empty hostfile: the error that says so
+    return hostfile_slots(cfg.hostfile, cfg.include, cfg.exclude), f"the slots of pretrain.hostfile {cfg.hostfile}"
 
 
 def check_hostfile(path: str, ssh_port: int = 22, launcher: str = "pdsh", include: str = "", exclude: str = "",

@@ -31,7 +31,7 @@ import model.train
 from model.checkpoint import file_sha256
 from model.diagram import draw as draw_model
 from model.generate import CONFIG, TOKENIZER, WEIGHTS
-from tasks import stage
+from tasks import launch, stage
 from tasks.launch import (REPORTED, TrainingProgress, check_hostfile, child_env, die_with_parent,  # noqa: F401
                           launch_command, master_port, rank_threads, run_training, stop_group)
 from tasks.models import registry, tracking
@@ -55,6 +55,7 @@ LAUNCHER_ONLY = ("num_gpus", "hostfile", "run_name", "init_from", "launcher", "s
 def train_spec(cfg: PretrainConfig, tokens: stage.Manifest, out: Path, ckpt: Path) -> model.train.TrainSpec:
     hp = cfg.model_dump(exclude={"preset", *MODEL_FIELDS, *LAUNCHER_ONLY})
     hp["threads"] = rank_threads(cfg)
+    hp["grad_accum_steps"] = cfg.accum_for(*launch.world_size(cfg))  # global_batch_size over a hostfile's ranks
     return model.train.TrainSpec(
         model=asdict(model_config(cfg, tokens)),
         train_files=[str(p) for p in tokens.files_matching("train-")],
@@ -67,7 +68,7 @@ def train_spec(cfg: PretrainConfig, tokens: stage.Manifest, out: Path, ckpt: Pat
 def check_tokens(cfg: PretrainConfig, tokens: stage.Manifest) -> None:
     """Enough training sequences for one global batch, or an error naming the stage that made them."""
     rows = tokens.stats.get("rows", {})
-    need = cfg.micro_batch_size * cfg.num_gpus
+    need = cfg.micro_batch_size * launch.world_size(cfg)[0]
     if rows.get("train", 0) < need or rows.get("val", 0) < 1:
         raise ValueError(
             f"the tokenize stage ({tokens.folder}) produced {rows.get('train', 0)} training and {rows.get('val', 0)} "
@@ -169,6 +170,7 @@ def log_data_counts(upstream: list[stage.Manifest]) -> None:
 def build(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experiment: str, out: Path, key: str,
           upstream: list[stage.Manifest] = (), model_name: str | None = None, base: dict | None = None) -> dict:
     check_tokens(cfg, tokens)
+    model.train.device_and_dtype(cfg.precision)  # bf16 where the device lacks it: refused once, before any rank
     ckpt = Path(workdir).resolve() / "checkpoints" / "pretrain" / (cfg.run_name or key)
     ckpt.mkdir(parents=True, exist_ok=True)
     spec = train_spec(cfg, tokens, out, ckpt)
@@ -230,8 +232,22 @@ def training_cost(summary: dict, metrics_file: Path, training_s: float, cfg: Pre
 
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
-CODE = ("tasks.pretrain", "tasks.launch", "model.checkpoint", "model.config", "model.data", "model.generate", "model.gpt", "model.monitor",
+CODE = ("tasks.pretrain", "tasks.launch", "model.checkpoint", "model.optim", "model.records", "model.reshard",
+        "model.config", "model.data", "model.generate", "model.gpt", "model.monitor",
         "model.train", "model.kernels", model.kernels.SOURCE)
+
+
+def stage_key_config(cfg: PretrainConfig) -> dict:
+    """What names a pretraining run (its stage key and checkpoint folder): the settings of the
+    model and its training, with the batch as the global batch, not how it is split over ranks,
+    micro-batches and accumulation steps, nor where the ranks run. The same run on another
+    number of ranks (a lost node, a bigger allocation) then finds its checkpoints and resumes
+    there (model/reshard.py); with pretrain.global_batch_size kept, every step draws the same rows."""
+    ranks, where = launch.world_size(cfg)
+    accum = cfg.accum_for(ranks, where)
+    key = cfg.model_dump(mode="json", exclude={"num_gpus", "grad_accum_steps", "global_batch_size",
+                                               *launch.LAUNCH_KEYS})
+    return key | {"global_batch": cfg.micro_batch_size * accum * ranks}
 
 
 @task(name="pretrain", **stage.task_options(*CODE))
@@ -243,7 +259,7 @@ def pretrain(cfg: PretrainConfig, tokens: stage.Manifest, workdir: str, experime
 
     upstream: earlier data stages, for their counts; model_name: the registered model's name, for
     the MLflow run's name."""
-    key_cfg = cfg.model_dump(mode="json")
+    key_cfg = stage_key_config(cfg)
     if cfg.init_from:
         if not base or base.get("uri") != cfg.init_from:
             raise ValueError(f"pretrain.init_from is {cfg.init_from}: pass base=init_base(...) for it")

@@ -141,3 +141,24 @@ def test_one_rank_to_two_and_back_continues_the_run(tmp_path, zero_stage):
     for name in ("up", "down"):
         got = load_folder(tmp_path / name / "out")[0].state_dict()
         assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in want), name
+
+
+def test_the_pretrain_stage_is_named_by_its_global_batch_not_by_where_its_ranks_run(tmp_path):
+    """The stage key (and so the checkpoint folder a rerun looks in) is the same for one rank x
+    accumulation 2 and two ranks, and for a hostfile's ranks with global_batch_size kept; another
+    global batch is another run. A hostfile's slots decide grad_accum_steps."""
+    from tasks.config import PretrainConfig
+    from tasks.pretrain import stage_key_config
+
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("gpu1 slots=2\n# a comment\ngpu2 slots=2\n")
+    one = PretrainConfig(micro_batch_size=4, grad_accum_steps=2)
+    assert stage_key_config(one) == stage_key_config(PretrainConfig(micro_batch_size=4, num_gpus=2))
+    keep = PretrainConfig(micro_batch_size=4, global_batch_size=16, hostfile=str(hosts), ssh_port=2222)
+    assert stage_key_config(keep) == stage_key_config(PretrainConfig(micro_batch_size=4, grad_accum_steps=4))
+    assert stage_key_config(keep)["global_batch"] == 16  # 4 slots x micro 4, accumulation 1
+    lost = PretrainConfig(micro_batch_size=4, global_batch_size=16, hostfile=str(hosts), exclude="gpu2")
+    assert stage_key_config(lost) == stage_key_config(keep)  # a node lost: two ranks accumulate 2
+    assert stage_key_config(PretrainConfig(micro_batch_size=4)) != stage_key_config(one)  # 4 rows a step, not 8
+    with pytest.raises(ValueError, match="slots of pretrain.hostfile"):
+        stage_key_config(PretrainConfig(micro_batch_size=4, global_batch_size=12, hostfile=str(hosts)))
