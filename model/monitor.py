@@ -37,8 +37,23 @@ def measured_matmul_peak(device: str, dtype: torch.dtype, size: int = 1024, seco
     return 2 * size**3 * n / (time.perf_counter() - t0)
 
 
+PEAK_ENV = "FORJA_PEAK_FLOPS"
+
+
 def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s of one rank's device, where the figure comes from)."""
+    """(peak FLOP/s of one rank's device, where the figure comes from): FORJA_PEAK_FLOPS when set (a
+    datasheet figure, or one measured once on a quiet machine: a matmul measured at start reads low
+    while other work shares the machine, and MFU then reads high), else the datasheet bf16 peak of
+    a known GPU, else a matmul measured now."""
+    if fixed := os.environ.get(PEAK_ENV):
+        try:
+            value = float(fixed)
+        except ValueError:
+            value = 0.0
+        if not (value > 0 and value != float("inf")):
+            raise ValueError(f"{PEAK_ENV}={fixed!r} is not a positive number of FLOP/s per rank (e.g. 3.9e11); "
+                             "fix it, or unset it to measure the peak when training starts")
+        return value, PEAK_ENV
     if device == "cuda":
         name = torch.cuda.get_device_name()
         for key, peak in GPU_PEAK_BF16.items():

@@ -30,7 +30,7 @@ from pathlib import Path
 # written to DeepSpeed's env file for the other nodes. Never FORJA_PARENT_PID: a pid of this
 # machine, meaningless there (see run_training for what stops remote ranks).
 REMOTE_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "PYTHONPATH",
-               "PYTHONUNBUFFERED", "DO_NOT_TRACK", "HF_HOME")
+               "PYTHONUNBUFFERED", "DO_NOT_TRACK", "HF_HOME", "FORJA_PEAK_FLOPS")
 REMOTE_PREFIXES = ("MALLOC_", "MLFLOW_", "GLOO_", "NCCL_")
 # Characters DeepSpeed's runner cannot pass through the remote shell's `export K="V"` unchanged.
 UNSAFE = re.compile(r'["$`\\\n]')

@@ -14,6 +14,9 @@ for k, v in {
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_TMP / "prefect-results"),
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_LOGGING_EXTRA_LOGGERS": "forja",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # MFU against a fixed per-rank peak (about this machine's 2-thread fp32 matmul), not one measured
+    # by every training process at start; the measured path has its own test (tests/model/test_train.py)
+    "FORJA_PEAK_FLOPS": "2e11",
 }.items():
     os.environ.setdefault(k, v)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests pick their own temp SQLite file

@@ -1,6 +1,10 @@
 """Real DeepSpeed on the CPU (gloo, fp32). The first run compiles DeepSpeed's comm op."""
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +16,8 @@ from tokenizers import Tokenizer, models
 from model import train as tr
 from model.config import ModelConfig
 from model.gpt import GPT
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +139,34 @@ def test_a_preset_too_big_for_the_device_fails_before_training_with_a_suggestion
     one = monitor.memory_estimate(cfg, 1, 0, 1, True)["states_bytes"]
     eight = monitor.memory_estimate(cfg, 1, 3, 8, True)["states_bytes"]
     assert eight == pytest.approx(one / 8)
+
+
+def test_the_peak_mfu_is_measured_against_is_fixed_by_the_environment_or_measured(monkeypatch):
+    """FORJA_PEAK_FLOPS fixes the per-rank peak (a measured one reads low on a busy machine, so MFU
+    reads high); unset, a matmul is measured; a value that is not a positive number is refused naming it."""
+    import torch
+
+    from model import monitor
+
+    monkeypatch.setenv("FORJA_PEAK_FLOPS", "3.5e11")
+    assert monitor.peak_flops("cpu", torch.float32) == (3.5e11, "FORJA_PEAK_FLOPS")
+    for bad in ("fast", "-1", "0", "inf"):
+        monkeypatch.setenv("FORJA_PEAK_FLOPS", bad)
+        with pytest.raises(ValueError, match=f"FORJA_PEAK_FLOPS='{bad}'.*unset it"):
+            monitor.peak_flops("cpu", torch.float32)
+    monkeypatch.delenv("FORJA_PEAK_FLOPS")
+    peak, source = monitor.peak_flops("cpu", torch.float32)
+    assert peak > 1e8 and source.startswith("CPU measured fp32 matmul")
+
+
+def test_a_rank_that_logs_nothing_to_mlflow_imports_deepspeed_without_it_and_can_still_import_it():
+    """model.train.import_deepspeed keeps DeepSpeed's autotuner from importing mlflow (1.6 s a
+    process) in a rank without an MLflow run, and leaves mlflow importable afterwards (rank 0 of a
+    run with MLFLOW_RUN_ID imports it as usual: the pipeline tests log through it)."""
+    code = ("import sys; from model.train import import_deepspeed; import_deepspeed(); "
+            "from deepspeed.autotuning import autotuner; print('mlflow' in sys.modules, autotuner.has_mlflow); "
+            "import mlflow; print(mlflow.__name__)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "RANK")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env | {"DS_ACCELERATOR": "cpu"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False", "mlflow"], out.stderr[-2000:]
