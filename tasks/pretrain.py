@@ -233,7 +233,7 @@ def training_cost(summary: dict, metrics_file: Path, training_s: float, cfg: Pre
 
 # The modules whose source is part of this stage's key (and of Prefect's cache key).
 CODE = ("tasks.pretrain", "tasks.launch", "model.checkpoint", "model.optim", "model.records", "model.reshard",
-        "model.config", "model.data", "model.generate", "model.gpt", "model.monitor",
+        "model.config", "model.data", "model.generate", "model.gpt", "model.monitor", "model.precision",
         "model.train", "model.kernels", model.kernels.SOURCE)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import checkpoint
-from model import train as tr
+from model import precision
 from tests.model.test_resume import losses, make_spec, reference_run, run
 
 pytestmark = pytest.mark.slow
@@ -21,16 +21,16 @@ def test_bf16_where_the_device_lacks_it_is_refused_with_what_to_change():
     no_gpu_bf16 = (False, "Tesla V100 has no bf16 support")
     with pytest.raises(ValueError, match="pretrain.precision is bf16 but Tesla V100 has no bf16 support: set "
                                          "pretrain.precision to fp32"):
-        tr.resolve_dtype("bf16", "cuda", no_gpu_bf16)
+        precision.resolve_dtype("bf16", "cuda", no_gpu_bf16)
     with pytest.raises(ValueError, match="torch cannot multiply bf16 matrices"):
-        tr.resolve_dtype("bf16", "cpu", (False, "torch cannot multiply bf16 matrices on this CPU (x)"))
-    assert tr.resolve_dtype("auto", "cuda", no_gpu_bf16) == torch.float32  # auto falls back, as before
-    assert tr.resolve_dtype("auto", "cuda", (True, "")) == torch.bfloat16
-    assert tr.resolve_dtype("auto", "cpu", (True, "")) == torch.float32  # a CPU trains in fp32 unless asked
-    assert tr.resolve_dtype("bf16", "cpu", (True, "")) == torch.bfloat16
+        precision.resolve_dtype("bf16", "cpu", (False, "torch cannot multiply bf16 matrices on this CPU (x)"))
+    assert precision.resolve_dtype("auto", "cuda", no_gpu_bf16) == torch.float32  # auto falls back, as before
+    assert precision.resolve_dtype("auto", "cuda", (True, "")) == torch.bfloat16
+    assert precision.resolve_dtype("auto", "cpu", (True, "")) == torch.float32  # a CPU trains in fp32 unless asked
+    assert precision.resolve_dtype("bf16", "cpu", (True, "")) == torch.bfloat16
     with pytest.raises(ValueError, match="pretrain.precision is 'fp16': use one of auto, fp32, bf16"):
-        tr.resolve_dtype("fp16", "cpu", (True, ""))
-    assert tr.bf16_support("cpu") == (True, "")  # this CPU (avx512_bf16): the probe passes
+        precision.resolve_dtype("fp16", "cpu", (True, ""))
+    assert precision.bf16_support("cpu") == (True, "")  # this CPU (avx512_bf16): the probe passes
 
 
 def test_bf16_tracks_fp32_records_its_dtype_and_refuses_an_fp32_resume(reference, tmp_path):
@@ -58,5 +58,5 @@ def test_bf16_tracks_fp32_records_its_dtype_and_refuses_an_fp32_resume(reference
     assert "step     10" not in again.stdout
     with pytest.raises(checkpoint.CheckpointMismatch, match="trained in fp32 and this run would train in bf16: "
                                                             "set pretrain.precision to fp32"):
-        tr.check_precision(ref_dir / "ref" / "ckpt", torch.bfloat16)
-    tr.check_precision(ref_dir / "ref" / "ckpt", torch.float32)  # the same dtype: no error
+        precision.check_precision(ref_dir / "ref" / "ckpt", torch.bfloat16)
+    precision.check_precision(ref_dir / "ref" / "ckpt", torch.float32)  # the same dtype: no error
