@@ -160,6 +160,8 @@ def launch_command(cfg, spec_path: Path) -> list[str]:
     one process on this machine runs `model.train` itself, as the whole world (the launcher's runner
     and its per-node launch process would add two interpreters importing DeepSpeed, 5-10 s a run).
     With a hostfile, every node is checked first (check_hostfile)."""
+    from model.train import free_port  # torch, but only when launching
+
     port = str(free_port())
     if not cfg.hostfile and cfg.num_gpus == 1:
         return [sys.executable, "-m", "model.train", "--master_port", port, str(spec_path)]
@@ -173,13 +175,6 @@ def launch_command(cfg, spec_path: Path) -> list[str]:
     else:
         cmd += ["--num_gpus", str(cfg.num_gpus)]
     return cmd + ["--module", "model.train", str(spec_path)]
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (for torch.distributed's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(run_id: str | None, cfg, env_dir: Path | None = None) -> dict:
