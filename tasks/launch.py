@@ -44,53 +44,58 @@ def rank_threads(cfg) -> int:
     return max(1, (cfg.threads or os.cpu_count() or 1) // cfg.num_gpus)
 
 
-def hostfile_hosts(path: str) -> list[str]:
+def read_hostfile(path: str) -> dict[str, int]:
+    """host -> slots of a DeepSpeed hostfile ('HOST slots=N' a line, 1 without slots=; # comments)."""
     f = Path(path)
     if not f.is_file():
         raise FileNotFoundError(f"pretrain.hostfile {path} does not exist")
-    hosts = [line.split()[0] for line in f.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not hosts:
+    slots = {}
+    for line in f.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            host, *rest = line.split()
+            slots[host] = next((int(x[6:]) for x in rest if x.startswith("slots=") and x[6:].isdigit()), 1)
+    if not slots:
         raise ValueError(f"pretrain.hostfile {path} lists no hosts (one 'HOST slots=N' a line)")
-    return hosts
+    return slots
+
+
+def hostfile_hosts(path: str) -> list[str]:
+    return list(read_hostfile(path))
+
+
+def named_slots(value: str) -> dict[str, int | None]:
+    """DeepSpeed's include/exclude form 'host1@host2:0,1': host -> how many slots it names (None: all)."""
+    return {p.split(":")[0]: len(p.split(":")[1].split(",")) if ":" in p else None for p in value.split("@") if p}
 
 
 def active_hosts(hosts: list[str], include: str = "", exclude: str = "") -> list[str]:
-    """The hosts DeepSpeed will use after --include / --exclude ('host1@host2:0,1'): a host named
-    with slots in exclude keeps its other slots."""
+    """The hosts DeepSpeed will use after --include / --exclude: a host named with slots in
+    exclude keeps its other slots."""
     if include and exclude:
         raise ValueError("pretrain.include and pretrain.exclude are both set; DeepSpeed takes one of them")
-    named = lambda s: {p.split(":")[0]: ":" in p for p in s.split("@") if p}  # noqa: E731
     for key, value in (("include", include), ("exclude", exclude)):
-        if unknown := [h for h in named(value) if h not in hosts]:
+        if unknown := [h for h in named_slots(value) if h not in hosts]:
             raise ValueError(f"pretrain.{key} names {', '.join(unknown)}, not in the hostfile ({', '.join(hosts)})")
     if include:
-        return [h for h in hosts if h in named(include)]
-    gone = {h for h, slots in named(exclude).items() if not slots}
+        return [h for h in hosts if h in named_slots(include)]
+    gone = {h for h, n in named_slots(exclude).items() if n is None}
     return [h for h in hosts if h not in gone]
 
 
 def hostfile_slots(path: str, include: str = "", exclude: str = "") -> int:
-    """How many ranks a hostfile launch starts: the active hosts' `slots=N` (1 where a line gives
-    none), less the slots exclude names ('host:0,1'), or just the slots include names."""
-    slots = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            host, *rest = line.split()
-            n = next((int(x.split("=", 1)[1]) for x in rest if x.startswith("slots=") and x[6:].isdigit()), 1)
-            slots[host] = n
-    listed = lambda s: {p.split(":")[0]: len(p.split(":")[1].split(",")) if ":" in p else None  # noqa: E731
-                        for p in s.split("@") if p}
+    """How many ranks a hostfile launch starts: the active hosts' slots, less the slots exclude
+    names, or just the slots include names."""
+    slots = read_hostfile(path)
     hosts = active_hosts(list(slots), include, exclude)
     if include:
-        return sum(listed(include)[h] or slots[h] for h in hosts)
-    return sum(slots[h] - (listed(exclude).get(h) or 0) for h in hosts)
+        return sum(named_slots(include)[h] or slots[h] for h in hosts)
+    return sum(slots[h] - (named_slots(exclude).get(h) or 0) for h in hosts)
 
 
 def world_size(cfg) -> tuple[int, str]:
     """(ranks a launch starts, what decided it): pretrain.num_gpus, or the hostfile's slots."""
     if not cfg.hostfile:
         return cfg.num_gpus, "pretrain.num_gpus"
-    hostfile_hosts(cfg.hostfile)  # a missing or empty hostfile: the error that says so
     return hostfile_slots(cfg.hostfile, cfg.include, cfg.exclude), f"the slots of pretrain.hostfile {cfg.hostfile}"
 
 
