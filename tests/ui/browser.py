@@ -43,6 +43,7 @@ def chrome() -> Iterator:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 f"--window-size={WIDTH},{HEIGHT}", "--lang=en-US", "--no-first-run"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for dump()
     driver = webdriver.Chrome(service=Service(_require(CHROMEDRIVER, "chromium-driver")), options=options)
     try:
         # The window size includes no browser frame in new headless mode, but pin the viewport anyway.
@@ -137,10 +138,12 @@ def shoot(driver, folder: Path, name: str, publish: bool = False) -> Path:
 
 
 def dump(driver, folder: Path, name: str) -> None:
-    """A screenshot and the page source, to see what the browser saw when a test failed."""
+    """A screenshot, the page source and its console, to see what the browser saw when a test failed."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         driver.save_screenshot(str(folder / f"{name}.png"))
         (folder / f"{name}.html").write_text(f"<!-- {driver.current_url} -->\n{driver.page_source}")
+        (folder / f"{name}.console.txt").write_text("".join(f"{e['level']} {e['message']}\n"
+                                                            for e in driver.get_log("browser")))
     except Exception as e:  # the browser itself may be what failed
         (folder / f"{name}.error.txt").write_text(f"could not capture the page: {e!r}")

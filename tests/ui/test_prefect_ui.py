@@ -4,6 +4,7 @@ watch the run reach Completed, then read a stage's counts table among a weekly r
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -25,6 +26,52 @@ def _parameter_input(driver, name: str):
     return visible(driver, (By.XPATH, f"({label}/following::*[self::input or self::textarea])[1]"))
 
 
+def _typed(driver, name: str, value: str) -> None:
+    """Type into a parameter's input and wait until it holds the value (a re-render while the
+    form loads can drop keystrokes; a person would see it and type again)."""
+    def holds(_):
+        element = _parameter_input(driver, name)
+        if element.get_attribute("value") == value:
+            return True
+        type_into(element, value)
+        return element.get_attribute("value") == value
+
+    wait(driver).until(holds, f"the {name} input does not keep {value!r}")
+
+
+def _form_messages(driver) -> list[str]:
+    """What the run form says is wrong: field messages and toasts."""
+    found = driver.find_elements("xpath", "//*[contains(@class, 'p-label__message') or contains(@class, 'p-toast__card ')"
+                                          " or @class='p-toast__card']")
+    return [e.text.strip() for e in found if e.is_displayed() and e.text.strip()]
+
+
+def _submit(driver, stack, run_name: str, attempts: int = 3, wait_s: float = 20) -> None:
+    """Submit the run form as a person does, and wait until the run exists and the page has left
+    the form. When no run was made, Submit is clicked again, at most `attempts` times in all: the
+    click was lost, or the server answered 503. Prefect's SQLite database answers 503 ("Service
+    Unavailable", retryable) to a write that meets another one, here the worker's poll, which marks
+    the deployment ready; Prefect's own clients retry those, the UI shows its "Oops" toast instead.
+    What the page showed and the browser's console go into the failure."""
+    runs = {"flow_runs": {"name": {"any_": [run_name]}}}
+    seen = []
+    for _ in range(attempts):
+        click(driver, text("button", "Submit"))
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not prefect_api(stack, "flow_runs/filter", runs):
+            time.sleep(0.5)
+        if prefect_api(stack, "flow_runs/filter", runs):
+            wait(driver, 60).until(lambda _: not driver.current_url.split("?")[0].endswith("/run"),
+                                   f"run {run_name} was made but the page stayed on the form")
+            return
+        seen.append({"page": _form_messages(driver), "console": [e["message"] for e in driver.get_log("browser")]})
+        print(f"Submit made no run {run_name!r}: {seen[-1]}", flush=True)
+        for close in driver.find_elements("xpath", "//*[contains(@class, 'p-toast__close-btn')]"):
+            if close.is_displayed():
+                close.click()
+    pytest.fail(f"{attempts} clicks on Submit made no run {run_name!r}; what each left: {seen}")
+
+
 def test_custom_run_of_promote_then_a_stage_counts_table(stack, service_runs, driver, tmp_path):
     before, target = champion(stack), challenger(stack)
     assert before is not None, f"{MODEL} has no champion after the weekly runs"
@@ -38,16 +85,16 @@ def test_custom_run_of_promote_then_a_stage_counts_table(stack, service_runs, dr
     click(driver, text("button", "Run"))
     click(driver, text("button", "Custom run"))
     visible(driver, text("*", "Parameters"))
-    type_into(_parameter_input(driver, "model_name"), MODEL)
-    type_into(_parameter_input(driver, "version"), target)
+    _typed(driver, "model_name", MODEL)
+    _typed(driver, "version", target)
     run_name = _parameter_input(driver, "Run Name").get_attribute("value")
     assert run_name, "the Custom run form proposed no run name"
     shoot(driver, tmp_path, "prefect-run-form", publish=True)
-    click(driver, text("button", "Submit"))
+    _submit(driver, stack, run_name)
 
     # Back on the deployment page the new run is listed by its name; its page follows it
     # (Scheduled, Pending, Running ... Completed) and shows forja's own log line.
-    click(driver, text("a", run_name))
+    click(driver, text("a", run_name), timeout=60)
     wait(driver).until(lambda _: "/runs/flow-run/" in driver.current_url, "the run's link opened no flow run page")
     run_id = driver.current_url.split("/runs/flow-run/")[1].split("?")[0]
     visible(driver, text("*[contains(@class, 'state-badge')]", "Completed"), timeout=240)
