@@ -136,16 +136,29 @@ def import_deepspeed():
     return deepspeed
 
 
+SHM_COMM = "deepspeed_shm_comm"
+
+
+def without_shm_comm(deepspeed) -> None:
+    """Tell DeepSpeed its shared-memory all-reduce op is unavailable before it sets up its comm
+    backend. That op serves DeepSpeed's inference all-reduce only; training's collectives go through
+    torch.distributed (gloo, nccl). Building it cost every fresh machine a minute of compiling at
+    its first training run, and each run left one buffer a rank in /dev/shm (drop_shm_buffers).
+    DeepSpeed keeps the compatibility table it consults in its ops module, once a process."""
+    deepspeed.ops.__compatible_ops__[SHM_COMM] = False
+
+
 def build_engine(model: GPT, spec: TrainSpec):
     """Wrap model in a DeepSpeed engine with AdamW (or Muon plus AdamW, model/optim.py), the
     warmup-cosine or wsd LR schedule and clipping."""
     # DeepSpeed picks its accelerator at import; say it rather than let it guess.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    kernels.own_build_tools()  # DeepSpeed builds its communication op with the same ninja as the kernels
+    kernels.own_build_tools()  # DeepSpeed builds its ops with the same ninja as the kernels
     deepspeed = import_deepspeed()
     ensure_dist_env()
     device, dtype = device_and_dtype(spec.precision)
     if not torch.distributed.is_initialized():
+        without_shm_comm(deepspeed)
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
     schedule = lambda s: lr_factor(  # noqa: E731
         s, spec.warmup_steps, spec.max_steps, spec.min_lr_ratio, spec.schedule, spec.decay_fraction)

@@ -1,4 +1,5 @@
-"""Real DeepSpeed on the CPU (gloo, fp32). The first run compiles DeepSpeed's comm op."""
+"""Real DeepSpeed on the CPU (gloo, fp32)."""
+import dataclasses
 import json
 import math
 import os
@@ -170,3 +171,22 @@ def test_a_rank_that_logs_nothing_to_mlflow_imports_deepspeed_without_it_and_can
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env | {"DS_ACCELERATOR": "cpu"},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False", "mlflow"], out.stderr[-2000:]
+
+
+def test_a_training_run_builds_no_shared_memory_comm_op(tmp_path):
+    """DeepSpeed's shm all-reduce op serves its inference only; building it cost a fresh machine a
+    minute at its first run and left buffers in /dev/shm. A real one-rank run, with its own empty
+    extensions folder (forja's kernels off, so nothing else compiles), trains and builds nothing."""
+    s = spec(tmp_path, max_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(dataclasses.asdict(s)))
+    port = tr.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_RUN_ID")}
+    env |= {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "FORJA_FUSED_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-m", "model.train", "--master_port", str(port), str(spec_file)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    built = sorted(p.name for p in (tmp_path / "ext").rglob("*") if p.is_dir()) if (tmp_path / "ext").exists() else []
+    assert not any(tr.SHM_COMM in name for name in built), built
+    assert "shm_comm" not in out.stdout + out.stderr
