@@ -558,7 +558,9 @@ def drop_shm_buffers(port: int | None, root: Path = SHM) -> list[Path]:
     """Remove the shared-memory buffers DeepSpeed's CPU collectives made for the run on `port`
     (deepspeed_allreduce_buffer_<rank>_<addr>_<port>[_<n>], one set per rank on this machine).
     DeepSpeed never unlinks them, and /dev/shm is memory: a few hundred runs filled 17 GB of it
-    here. Removing a name another rank still maps is harmless: the memory goes when the last one unmaps it."""
+    here. Removing a name another rank still maps is harmless: the memory goes when the last one unmaps it.
+    Since without_shm_comm, forja's runs make none; this still clears what a run of an older forja,
+    or a DeepSpeed that builds the op regardless, left on the port."""
     if port is None:
         return []
     gone = []
