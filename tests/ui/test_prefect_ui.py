@@ -53,6 +53,8 @@ def _submit(driver, stack, run_name: str, attempts: int = 3, wait_s: float = 20)
     Unavailable", retryable) to a write that meets another one, here the worker's poll, which marks
     the deployment ready; Prefect's own clients retry those, the UI shows its "Oops" toast instead.
     What the page showed and the browser's console go into the failure."""
+    from selenium.common.exceptions import WebDriverException
+
     runs = {"flow_runs": {"name": {"any_": [run_name]}}}
     seen = []
     for _ in range(attempts):
@@ -67,8 +69,10 @@ def _submit(driver, stack, run_name: str, attempts: int = 3, wait_s: float = 20)
         seen.append({"page": _form_messages(driver), "console": [e["message"] for e in driver.get_log("browser")]})
         print(f"Submit made no run {run_name!r}: {seen[-1]}", flush=True)
         for close in driver.find_elements("xpath", "//*[contains(@class, 'p-toast__close-btn')]"):
-            if close.is_displayed():
-                close.click()
+            try:
+                close.click()  # toasts over the footer would take the next click
+            except WebDriverException:  # hidden, or already gone with its toast
+                pass
     pytest.fail(f"{attempts} clicks on Submit made no run {run_name!r}; what each left: {seen}")
 
 
