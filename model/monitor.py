@@ -105,6 +105,19 @@ def _local_grad(p: torch.nn.Parameter) -> tuple[torch.Tensor | None, bool]:
     return None, False
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the data-parallel ranks (a collective: every rank calls it), on t's device.
+    NCCL reduces GPU tensors only and gloo CPU ones, so the sum is taken on the device the
+    process group's backend serves: this rank's GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        on = torch.device("cuda", torch.cuda.current_device())
+    else:
+        on = torch.device("cpu")
+    work = t.to(on)
+    torch.distributed.all_reduce(work)
+    return work.to(t.device)
+
+
 class GradNorms:
     """Squared L2 norm of each parameter's whole gradient, found from what this rank holds: one
     multi-tensor kernel over the local gradients and, where ZeRO partitions them, one all-reduce
@@ -127,11 +140,13 @@ class GradNorms:
             pieces.append(g)
         held = [g for g in pieces if g is not None and g.numel()]
         norms = iter(torch._foreach_norm(held, 2, dtype=torch.float32) if held else [])
-        sq = torch.stack([next(norms).double().cpu() if g is not None and g.numel() else torch.zeros((), dtype=torch.float64)
-                          for g in pieces]).pow(2) if pieces else torch.zeros(0, dtype=torch.float64)
+        on = held[0].device if held else torch.device("cpu")  # stacked where the gradients are: one copy out, not one a tensor
+        sq = torch.stack([next(norms).to(on, torch.float64) if g is not None and g.numel()
+                          else torch.zeros((), dtype=torch.float64, device=on) for g in pieces]).pow(2) \
+            if pieces else torch.zeros(0, dtype=torch.float64)
         if partitioned and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(sq)  # disjoint partitions: the squares add up
-        return cls(names, sq)
+            sq = sum_over_ranks(sq)  # disjoint partitions: the squares add up
+        return cls(names, sq.cpu())
 
     def total(self) -> float:
         return float(self.sq.sum().sqrt())

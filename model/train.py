@@ -110,11 +110,15 @@ def cpu_allocator_env() -> dict[str, str]:
 
 
 def ensure_dist_env() -> None:
-    """DeepSpeed needs the torch.distributed variables even for a single process."""
+    """DeepSpeed needs the torch.distributed variables even for a single process. On a GPU machine
+    each rank then takes its own GPU (LOCAL_RANK) before anything touches one: else every rank's
+    first CUDA work (the bf16 probe, NCCL's set-up, the model) lands on GPU 0."""
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def import_deepspeed():
@@ -457,9 +461,7 @@ def mean_over_ranks(value: float, world: int) -> float:
     """The mean of value over the data-parallel ranks (collective; value itself on one rank)."""
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t[0]) / world
+    return float(monitor.sum_over_ranks(torch.tensor([value], dtype=torch.float64))[0]) / world
 
 
 NAN_TARGET = "blocks.0.mlp.down.weight"
