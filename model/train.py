@@ -243,11 +243,32 @@ def first_nonfinite_module(model: torch.nn.Module, x: torch.Tensor) -> str | Non
 
 
 @torch.no_grad()
-def evaluate_loss(model: GPT, rows: np.ndarray, batch_size: int, max_batches: int, device, mask=None) -> float:
+def evaluate_loss(model: GPT, rows: np.ndarray, batch_size: int, max_batches: int, device, mask=None,
+                  rank: int = 0, world: int = 1) -> float:
+    """Mean next-token loss over the first batch_size x max_batches held-out rows, weighted by the
+    targets each row counts (a fine-tuning mask's prompt tokens count nothing). With several ranks
+    the rows are shared out among them in batches of batch_size and the sums reduced: every rank
+    gets the same number, for the same rows however a training run splits its batch. Every rank
+    runs the same number of forward passes, since ZeRO 3 gathers weights in each: one whose share
+    ran out repeats a batch that counts nothing."""
+    n = min(len(rows), batch_size * max_batches)
+    share = -(-n // world)
+    lo, hi = min(rank * share, n), min((rank + 1) * share, n)
+    sums = torch.zeros(2, dtype=torch.float64)  # loss x targets, targets
+    passes = 0
     model.eval()
-    losses = [float(model(x, y)[1]) for x, y in eval_batches(rows, batch_size, max_batches, device, mask)]
+    for x, y in eval_batches(rows[lo:hi], batch_size, share, device, None if mask is None else mask[lo:hi]):
+        counted = int((y != -100).sum())
+        loss = float(model(x, y)[1])
+        if counted:  # a row with no target to learn gives NaN on its own, nothing in the sum
+            sums += torch.tensor([loss * counted, counted], dtype=torch.float64)
+        passes += 1
+    for x, y in eval_batches(rows, batch_size, -(-share // batch_size) - passes, device, mask):
+        model(x, y)  # this rank's share ran out: keep step with the others' gathers
     model.train()
-    return sum(losses) / len(losses)
+    if world > 1:
+        sums = monitor.sum_over_ranks(sums)
+    return float(sums[0] / sums[1]) if sums[1] else float("nan")
 
 
 def fault(point: str, step: int) -> None:
@@ -424,7 +445,9 @@ def train(spec: TrainSpec) -> dict:
                        "mfu": flops_per_step * (done - last_step) / max(now - last_t, 1e-9) / (peak * world),
                        **monitor.memory_metrics(device), **layer_norms}
             if done % spec.eval_every == 0 or done == spec.max_steps:
-                val_loss = evaluate_loss(engine.module, val_rows, spec.micro_batch_size, spec.eval_batches, device, val_mask)
+                # eval_batches global batches of rows, shared out over the ranks: the same rows on any layout
+                val_loss = evaluate_loss(engine.module, val_rows, spec.micro_batch_size,
+                                         spec.eval_batches * spec.grad_accum_steps * world, device, val_mask, rank, world)
                 metrics |= {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
             if sink is not None:
                 sink.log(done, metrics)

@@ -200,7 +200,8 @@ class PretrainConfig(Section):
     muon_momentum: float = Field(0.95, ge=0, lt=1, description="optimizer muon: Muon's momentum")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(8, ge=1)
+    eval_batches: int = Field(8, ge=1, description="validation rows: this many global batches of the held-out split "
+                              "(the same rows however the ranks split a batch), shared out among the ranks")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 1337

@@ -64,9 +64,9 @@ def run(spec: Path, fault: str | None = None, launcher_procs: int = 0) -> subpro
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def losses(folder: Path) -> dict[int, float]:
+def losses(folder: Path, name: str = "train_loss") -> dict[int, float]:
     rows = [json.loads(x) for x in (folder / "ckpt" / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train_loss"] for r in rows}
+    return {r["step"]: r[name] for r in rows if name in r}
 
 
 _REFERENCE: list = []
@@ -217,6 +217,8 @@ def test_two_ranks_under_the_launcher_draw_disjoint_data_end_identical_and_accum
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "ddp-accum")
     assert list(a) == list(range(1, 7)) and list(b) == list(a)
     assert [b[k] for k in a] == pytest.approx([a[k] for k in a], rel=1e-5)
+    # validation: a global batch of the 8 held-out rows, shared out over the ranks on either split
+    assert losses(tmp_path / "ddp-accum", "val_loss") == pytest.approx(losses(tmp_path / "ddp", "val_loss"), rel=1e-5)
 
 
 def layer_norms(folder: Path, step: int) -> dict[str, float]:
@@ -263,7 +265,7 @@ def test_checkpoints_from_before_the_batch_fingerprint_still_resume(tmp_path):
 def test_accumulating_two_micro_batches_of_4_trains_as_one_micro_batch_of_8(tmp_path):
     """grad_accum_steps 2 at micro-batch 4 draws the rows micro-batch 8 draws at every step, epochs
     included (68 rows: an epoch is 8 steps of 8 either way, not 17 micro-batches of 4), and gives the
-    same losses: the same mean over the same rows, summed in another order (fp32, rel 1e-5)."""
+    same losses and validation loss: the same mean over the same rows, summed in another order (fp32, rel 1e-5)."""
     common = dict(n_rows=68, max_steps=12, checkpoint_every=100, warmup_steps=2)  # 12 steps: past one epoch
     whole = run(make_spec(tmp_path, "whole", micro_batch_size=8, **common))
     accum = run(make_spec(tmp_path, "accum", micro_batch_size=4, grad_accum_steps=2, **common))
@@ -271,3 +273,6 @@ def test_accumulating_two_micro_batches_of_4_trains_as_one_micro_batch_of_8(tmp_
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "accum")
     assert list(a) == list(range(1, 13)) and list(b) == list(a)
     assert [b[k] for k in a] == pytest.approx([a[k] for k in a], rel=1e-5)
+    # validated on the same rows too (eval_batches counts global batches, not micro-batches)
+    va, vb = losses(tmp_path / "whole", "val_loss"), losses(tmp_path / "accum", "val_loss")
+    assert list(va) == list(vb) == [12] and vb[12] == pytest.approx(va[12], rel=1e-5)
