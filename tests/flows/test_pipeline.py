@@ -67,10 +67,13 @@ def runs(prefect_harness, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     config = write_config(tmp, make_site(tmp / "site"))
     workdir = str(tmp / "work")
-    first = pipeline(config_path=str(config), workdir=workdir, return_state=True)
-    second = pipeline(config_path=str(config), workdir=workdir, return_state=True)
-    third = pipeline(config_path=str(config), overrides=["dedupe.threshold=0.9", "pretrain.seed=7"], workdir=workdir,
-                     return_state=True)  # other weights: a second version
+    with pytest.MonkeyPatch.context() as env:
+        # training here takes ~5 s, forja's 5 s sampling could end before its first sample
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+        first = pipeline(config_path=str(config), workdir=workdir, return_state=True)
+        second = pipeline(config_path=str(config), workdir=workdir, return_state=True)
+        third = pipeline(config_path=str(config), overrides=["dedupe.threshold=0.9", "pretrain.seed=7"],
+                         workdir=workdir, return_state=True)  # other weights: a second version
     return SimpleNamespace(tmp=tmp, config=config, workdir=workdir, states=[first, second, third],
                            tracking_uri=f"sqlite:///{tmp / 'work' / 'mlflow.db'}")
 
