@@ -244,18 +244,22 @@ SSH_EXIT = re.compile(r"^pdsh@[^:]+: (?P<host>[^\s:]+): ssh exited with exit cod
 
 
 def failed_hosts(lines) -> dict[str, str]:
-    """host -> why, in the order the failures were reported (the first is the likely cause)."""
-    hosts: dict[str, str] = {}
+    """host -> why, the likely cause first. A rank killed by a signal (the OOM killer, a lost
+    machine, kill -9) comes before ranks that exited with an error: that is how the others end
+    once a peer is gone (their next collective reads "connection reset by peer"), and they may
+    be reported first. Otherwise in the order the failures were reported."""
+    hosts: dict[str, tuple[bool, str]] = {}
     for line in lines:
         if m := RANK_EXIT.match(line):
             code = int(m["code"])
-            why = f"a rank was killed by signal {-code}" if code < 0 else f"a rank exited with {code}"
+            killed, why = code < 0, f"a rank was killed by signal {-code}" if code < 0 else f"a rank exited with {code}"
         elif m := SSH_EXIT.match(line):
-            why = f"its launcher exited with {m['code']}"
+            killed, why = False, f"its launcher exited with {m['code']}"
         else:
             continue
-        hosts.setdefault(m["host"], why)
-    return hosts
+        hosts.setdefault(m["host"], (killed, why))
+    ranked = sorted(hosts.items(), key=lambda kv: not kv[1][0])  # stable: report order among equals
+    return {host: why for host, (_, why) in ranked}
 
 
 def failure_message(code: int, tail, failures: list[str]) -> str:

@@ -105,6 +105,25 @@ def test_two_nodes_train_as_two_ranks_on_one_host_survive_losing_b_and_carry_for
     assert not hosts.rank_pids(hosts.a) + hosts.rank_pids(hosts.b)  # nothing left training
 
 
+def test_the_host_whose_rank_was_killed_is_named_before_the_one_that_lost_its_peer():
+    """When B's rank is SIGKILLed, A's rank fails in its next collective (connection reset by
+    peer) and DeepSpeed may report A's exit first: B is still the cause named. Lines as one
+    clean-clone run of the test above printed them."""
+    from tasks.launch import failure_message
+
+    lines = ["10.77.0.1: [2026-12-01 07:11:24,605] [ERROR] [launch.py:259:sigkill_handler] ['python', '-u', "
+             "'-m', 'model.train', 'spec.json'] exits with return code = 1",
+             "10.77.0.2: [2026-12-01 07:11:24,829] [ERROR] [launch.py:259:sigkill_handler] ['python', '-u', "
+             "'-m', 'model.train', 'spec.json'] exits with return code = -9",
+             "pdsh@vm: 10.77.0.1: ssh exited with exit code 1",
+             "pdsh@vm: 10.77.0.2: ssh exited with exit code 247"]
+    message = failure_message(1, lines[-2:], lines)
+    assert message.startswith("training failed on host 10.77.0.2 (a rank was killed by signal 9); "
+                              "then 10.77.0.1 (a rank exited with 1)"), message
+    # no rank killed: the first reported is named
+    assert failure_message(1, [], lines[::2]).startswith("training failed on host 10.77.0.1 (a rank exited with 1)")
+
+
 @pytest.mark.slow
 def test_a_killed_stage_leaves_no_rank_training_on_either_host(hosts, tmp_path):
     """SIGKILL of the stage's process runs none of its code, and pdsh outlives DeepSpeed's runner:
