@@ -118,6 +118,13 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return work.to(t.device)
 
 
+def mean_over_ranks(value: float, world: int) -> float:
+    """The mean of value over the data-parallel ranks (collective; value itself on one rank)."""
+    if world == 1:
+        return value
+    return float(sum_over_ranks(torch.tensor([value], dtype=torch.float64))[0]) / world
+
+
 class GradNorms:
     """Squared L2 norm of each parameter's whole gradient, found from what this rank holds: one
     multi-tensor kernel over the local gradients and, where ZeRO partitions them, one all-reduce

@@ -260,7 +260,7 @@ def evaluate_loss(model: GPT, rows: np.ndarray, batch_size: int, max_batches: in
     for x, y in eval_batches(rows[lo:hi], batch_size, share, device, None if mask is None else mask[lo:hi]):
         counted = int((y != -100).sum())
         loss = float(model(x, y)[1])
-        if counted:  # a row with no target to learn gives NaN on its own, nothing in the sum
+        if counted:  # a batch with no target to learn has a NaN mean: it adds nothing
             sums += torch.tensor([loss * counted, counted], dtype=torch.float64)
         passes += 1
     for x, y in eval_batches(rows, batch_size, -(-share // batch_size) - passes, device, mask):
@@ -438,7 +438,7 @@ def train(spec: TrainSpec) -> dict:
             fault("step", done)
         train_loss = loss_acc
         if done % spec.log_every == 0 or done == spec.max_steps:
-            train_loss = mean_over_ranks(loss_acc, world)  # the global batch's loss, not rank 0's share
+            train_loss = monitor.mean_over_ranks(loss_acc, world)  # the global batch's loss, not rank 0's share
             now = time.time()
             tok_s = tokens_per_step * (done - last_step) / max(now - last_t, 1e-9)
             metrics = {"train_loss": train_loss, **lrs, "grad_norm": gnorm, "tokens_per_s": tok_s,
@@ -478,13 +478,6 @@ def train(spec: TrainSpec) -> dict:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     barrier()
     return summary
-
-
-def mean_over_ranks(value: float, world: int) -> float:
-    """The mean of value over the data-parallel ranks (collective; value itself on one rank)."""
-    if world == 1:
-        return value
-    return float(monitor.sum_over_ranks(torch.tensor([value], dtype=torch.float64))[0]) / world
 
 
 NAN_TARGET = "blocks.0.mlp.down.weight"

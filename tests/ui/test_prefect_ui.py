@@ -60,9 +60,9 @@ def _submit(driver, stack, run_name: str, attempts: int = 3, wait_s: float = 20)
     for _ in range(attempts):
         click(driver, text("button", "Submit"))
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and not prefect_api(stack, "flow_runs/filter", runs):
+        while not (made := bool(prefect_api(stack, "flow_runs/filter", runs))) and time.monotonic() < deadline:
             time.sleep(0.5)
-        if prefect_api(stack, "flow_runs/filter", runs):
+        if made:
             wait(driver, 60).until(lambda _: not driver.current_url.split("?")[0].endswith("/run"),
                                    f"run {run_name} was made but the page stayed on the form")
             return
